@@ -1,0 +1,43 @@
+# Diffcast -- one command each to set up, check, test, benchmark.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := zstd bsdiff xdelta3
+
+.PHONY: help install system-deps check test test-slow bench-codec format clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the project with its dev tools
+
+system-deps:  ## Install the Debian packages the benchmarks compare against (needs root)
+	@scripts/install-debian-packages $(DEBIAN_PACKAGES)
+
+check: $(STAMP)  ## ruff (lint + format) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP)  ## The default test suite (a few minutes on 2 cores)
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## Long fuzzing and stress tests
+	$(BIN)/pytest -m slow -q
+
+bench-codec: $(STAMP) system-deps  ## Diff codec vs zstd --patch-from, bsdiff, xdelta3
+	$(BIN)/python bench/diff_codec.py
+
+format: $(STAMP)  ## Reformat the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

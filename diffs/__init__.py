@@ -1,0 +1,1 @@
+"""Diffcast neural diffs."""

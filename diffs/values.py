@@ -1,0 +1,171 @@
+"""Value arrays of a diff: their number formats and their byte coding.
+
+Formats (how one delta is stored):
+
+=========  =====================================================================
+``f32``    IEEE binary32, little-endian
+``f16``    IEEE binary16, little-endian; widened to binary32 exactly
+``bf16``   bfloat16 bit patterns (u16 LE); widened to binary32 exactly
+``i8``     signed bytes ``q`` with one binary32 ``scale`` per array; the delta is the
+           binary32 product ``float32(q) * scale``, rounded to nearest even
+``bits``   unsigned integers as wide as the tensor's dtype, XORed into its bit patterns
+=========  =====================================================================
+
+Codecs (how the array's bytes are stored in its section):
+
+``raw``       the little-endian bytes as they are
+``zstd``      a single Zstandard frame of the raw bytes
+``shuffle``   the bytes transposed so that byte ``j`` of every element comes together
+              (all first bytes, then all second bytes, ...), then one Zstandard frame;
+              this is what makes the nearly-constant high bytes of float deltas and
+              XOR patterns compress
+
+Decoding knows the exact decoded length from the element count before touching the
+data, reads at most that many bytes out of a Zstandard frame (so a zip bomb costs
+nothing), and fails if the frame holds more or fewer.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from diffs.dtypes import DType, bf16_to_f32, f32_to_bf16
+from diffs.errors import DiffFormatError
+
+
+class ValueFormat(enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    I8 = "i8"
+
+    @property
+    def storage(self) -> np.dtype[Any]:
+        return _VALUE_STORAGE[self]
+
+    @property
+    def bits_per_value(self) -> int:
+        return 8 * int(self.storage.itemsize)
+
+
+_VALUE_STORAGE: dict[ValueFormat, np.dtype[Any]] = {
+    ValueFormat.F32: np.dtype("<f4"),
+    ValueFormat.F16: np.dtype("<f2"),
+    ValueFormat.BF16: np.dtype("<u2"),
+    ValueFormat.I8: np.dtype("i1"),
+}
+
+
+class Codec(enum.Enum):
+    RAW = "raw"
+    ZSTD = "zstd"
+    SHUFFLE = "shuffle"
+
+
+@dataclass(frozen=True)
+class Values:
+    """Deltas in one :class:`ValueFormat` (``scale`` only for ``i8``)."""
+
+    format: ValueFormat
+    data: npt.NDArray[Any]
+    scale: float | None = None
+
+    @classmethod
+    def quantize(cls, deltas: npt.NDArray[Any], fmt: ValueFormat) -> Values:
+        """Round float deltas into ``fmt`` (nearest, ties to even)."""
+        d32 = np.asarray(deltas, dtype=np.float32)
+        if fmt is ValueFormat.F32:
+            return cls(fmt, d32.astype("<f4"))
+        if fmt is ValueFormat.F16:
+            return cls(fmt, d32.astype("<f2"))
+        if fmt is ValueFormat.BF16:
+            return cls(fmt, f32_to_bf16(d32))
+        peak = float(np.max(np.abs(d32))) if d32.size else 0.0
+        scale = float(np.float32(peak / 127.0)) if peak > 0 and np.isfinite(peak) else 1.0
+        q = np.clip(np.rint(d32 / np.float32(scale)), -127, 127).astype(np.int8)
+        return cls(fmt, q, scale)
+
+    def widened(self) -> npt.NDArray[np.float32]:
+        """The deltas as binary32, exactly as the format defines them."""
+        if self.format is ValueFormat.F32:
+            return self.data.astype(np.float32, copy=False)
+        if self.format is ValueFormat.F16:
+            return self.data.astype(np.float32)
+        if self.format is ValueFormat.BF16:
+            return bf16_to_f32(self.data)
+        assert self.scale is not None
+        return self.data.astype(np.float32) * np.float32(self.scale)
+
+    def __len__(self) -> int:
+        return int(self.data.size)
+
+
+def float_format_of(dtype: DType) -> ValueFormat:
+    """The value format that holds a tensor dtype's deltas without widening."""
+    return {DType.F16: ValueFormat.F16, DType.BF16: ValueFormat.BF16}.get(dtype, ValueFormat.F32)
+
+
+def encode_array(array: npt.NDArray[Any], codec: Codec, level: int) -> bytes:
+    """The bytes of ``array`` (little-endian, flat) under ``codec``."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if codec is Codec.RAW:
+        return flat.tobytes()
+    raw = flat.tobytes()
+    if codec is Codec.SHUFFLE:
+        width = flat.dtype.itemsize
+        raw = flat.view(np.uint8).reshape(-1, width).T.tobytes()
+    return zstandard.ZstdCompressor(level=level).compress(raw)
+
+
+def best_encoding(array: npt.NDArray[Any], level: int) -> tuple[Codec, bytes]:
+    """The smallest of the codecs for ``array`` (raw wins ties: it decodes fastest)."""
+    best = (Codec.RAW, encode_array(array, Codec.RAW, level))
+    candidates = [Codec.ZSTD, Codec.SHUFFLE] if array.dtype.itemsize > 1 else [Codec.ZSTD]
+    for codec in candidates:
+        data = encode_array(array, codec, level)
+        if len(data) < len(best[1]):
+            best = (codec, data)
+    return best
+
+
+def decode_array(
+    section: bytes | memoryview, codec: Codec, dtype: np.dtype[Any], count: int
+) -> npt.NDArray[Any]:
+    """Decode ``count`` elements of ``dtype``; the caller has capped ``count`` already."""
+    expected = count * dtype.itemsize
+    if codec is Codec.RAW:
+        if len(section) != expected:
+            raise DiffFormatError(f"raw array is {len(section)} bytes, expected {expected}")
+        return np.frombuffer(section, dtype=dtype, count=count)
+    raw = _bounded_decompress(section, expected)
+    if codec is Codec.SHUFFLE:
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
+        return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
+    return np.frombuffer(raw, dtype=dtype, count=count)
+
+
+def _bounded_decompress(section: bytes | memoryview, expected: int) -> bytearray:
+    """Decompress one Zstandard frame that must hold exactly ``expected`` bytes."""
+    data = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(section), read_across_frames=False
+        )
+        with reader:
+            while len(data) <= expected:
+                chunk = reader.read(expected + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except zstandard.ZstdError as exc:
+        raise DiffFormatError(f"corrupt Zstandard frame: {exc}") from None
+    if len(data) != expected:
+        raise DiffFormatError(f"compressed array holds {len(data)}+ bytes, expected {expected}")
+    return data
