@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := zstd bsdiff xdelta3
 
-.PHONY: help install system-deps check test test-slow bench-codec format clean
+.PHONY: help install system-deps demo check test test-slow bench-codec format clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -20,6 +20,9 @@ install: $(STAMP)  ## Create .venv and install the project with its dev tools
 
 system-deps:  ## Install the Debian packages the benchmarks compare against (needs root)
 	@scripts/install-debian-packages $(DEBIAN_PACKAGES)
+
+demo: $(STAMP)  ## The main job (for now: the diff library end to end with the CLI)
+	BIN=$(BIN) scripts/demo-diffs.sh
 
 check: $(STAMP)  ## ruff (lint + format) and mypy
 	$(BIN)/ruff check .

@@ -29,8 +29,8 @@ from diffs.values import ValueFormat
 app = typer.Typer(
     help="Make, apply, compose, inspect and verify model diffs.", no_args_is_help=True
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 ExistingFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]
