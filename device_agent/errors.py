@@ -1,0 +1,66 @@
+"""The agent's exception tree. Each error carries a reason code that goes into reports.
+
+::
+
+    AgentError                       reason
+    ├── EnrollmentError              enrollment_failed
+    ├── ServerError                  server_error       (unreachable, 5xx, bad answer)
+    ├── TrustError                   untrusted          (metadata refused, target unsigned)
+    ├── DownloadError                download_failed
+    │   ├── LengthExceededError      length_exceeded    (more bytes than the signed length)
+    │   └── HashMismatchError        hash_mismatch      (bytes differ from the signed hash)
+    ├── ApplyError                   apply_failed       (a diff did not apply)
+    │   └── DigestError              digest_mismatch    (a result is not the signed digest)
+    ├── DowngradeError               downgrade_refused
+    └── HealthCheckError             health_check_failed
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    reason = "agent_error"
+
+
+class EnrollmentError(AgentError):
+    reason = "enrollment_failed"
+
+
+class ServerError(AgentError):
+    reason = "server_error"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TrustError(AgentError):
+    reason = "untrusted"
+
+
+class DownloadError(AgentError):
+    reason = "download_failed"
+
+
+class LengthExceededError(DownloadError):
+    reason = "length_exceeded"
+
+
+class HashMismatchError(DownloadError):
+    reason = "hash_mismatch"
+
+
+class ApplyError(AgentError):
+    reason = "apply_failed"
+
+
+class DigestError(ApplyError):
+    reason = "digest_mismatch"
+
+
+class DowngradeError(AgentError):
+    reason = "downgrade_refused"
+
+
+class HealthCheckError(AgentError):
+    reason = "health_check_failed"

@@ -1,0 +1,1 @@
+"""The Diffcast update service: publish models and diffs, plan and serve device updates."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: routes per resource, dependencies, and the one error mapping."""

@@ -1,0 +1,63 @@
+"""Immutable, content-addressed blobs: ``GET``/``HEAD`` with ``Range``, ``ETag`` and
+``Cache-Control: immutable``, streamed (never loaded whole), so any CDN can cache them."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+
+from server.api.deps import Context
+from server.errors import BadRequestError, NotFoundError
+
+router = APIRouter(tags=["blobs"])
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CACHE = "public, max-age=31536000, immutable"
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _range(header: str, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` of a single-range header; ``None`` means the whole blob."""
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:
+        length = int(last)
+        return (max(size - length, 0), size)
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    return (start, end)
+
+
+@router.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"])
+def get_blob(sha256: str, request: Request, ctx: Context) -> Response:
+    if not SHA256.match(sha256):
+        raise BadRequestError("a blob is named by 64 lowercase hex digits")
+    headers = {"ETag": f'"{sha256}"', "Cache-Control": CACHE, "Accept-Ranges": "bytes"}
+    if request.headers.get("if-none-match") == f'"{sha256}"':
+        return Response(status_code=304, headers=headers)
+    local = ctx.blobs.local_path(sha256)
+    if local is not None:
+        return FileResponse(local, media_type="application/octet-stream", headers=headers)
+    if not ctx.blobs.exists(sha256):
+        raise NotFoundError(f"no blob {sha256}")
+    size = ctx.blobs.size(sha256)
+    span = _range(request.headers.get("range", ""), size)
+    if span is not None and span[0] >= size:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    start, end = span or (0, size)
+    headers["Content-Length"] = str(end - start)
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(
+        ctx.blobs.iter_range(sha256, start, end),
+        status_code=status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )

@@ -1,0 +1,40 @@
+"""Signed TUF metadata, as python-tuf's client asks for it (consistent snapshots)."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from server.api.deps import Admin, Context
+from server.errors import NotFoundError
+from server.schemas import ProvisioningBundle
+
+router = APIRouter(tags=["trust"])
+_NAME = re.compile(r"^(\d+\.)?[A-Za-z0-9_-]{1,140}\.json$")
+
+
+@router.get("/tuf/{filename}")
+async def metadata(filename: str, ctx: Context) -> Response:
+    if not _NAME.match(filename):
+        raise NotFoundError(f"no metadata file {filename!r}")
+    if filename == "timestamp.json":
+        await run_in_threadpool(ctx.trust_refresh.maybe_refresh)
+    body = await run_in_threadpool(ctx.trust.metadata_file, filename)
+    versioned = filename[0].isdigit()
+    cache = "public, max-age=31536000, immutable" if versioned else "no-cache"
+    return Response(body, media_type="application/json", headers={"Cache-Control": cache})
+
+
+@router.get("/v1/provisioning")
+def provisioning(ctx: Context, _: Admin) -> ProvisioningBundle:
+    """The bundle a device is provisioned with: the trusted root and the enrollment secret."""
+    import json
+
+    secret = ctx.settings.enrollment_secret
+    if not secret:
+        raise NotFoundError("no enrollment secret is configured (DIFFCAST_ENROLLMENT_SECRET)")
+    root = json.loads(ctx.trust.metadata_file("1.root.json"))
+    return ProvisioningBundle(trusted_root=root, enrollment_secret=secret)

@@ -1,0 +1,248 @@
+"""``diffcast server`` (run, migrate), ``diffcast keys`` (init, rotate) and the operator
+commands ``diffcast model`` / ``diffcast version`` / ``diffcast token`` (over REST)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from server.settings import Settings
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+server_app = typer.Typer(
+    help="Run the update server and manage its database.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Generate and rotate the signing keys.", no_args_is_help=True)
+model_app = typer.Typer(help="Create and list models (operator, over REST).", no_args_is_help=True)
+version_app = typer.Typer(help="Publish, list, inspect and retire versions.", no_args_is_help=True)
+token_app = typer.Typer(help="Create, list and revoke operator API tokens.", no_args_is_help=True)
+
+ServerUrl = Annotated[
+    str, typer.Option("--server", envvar="DIFFCAST_SERVER", help="Server base URL")
+]
+Token = Annotated[str, typer.Option("--token", envvar="DIFFCAST_TOKEN", help="Operator API token")]
+
+
+@server_app.command("run")
+def run(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    migrate: Annotated[bool, typer.Option(help="Apply migrations first")] = True,
+) -> None:
+    """Run the server (embedded default: SQLite + local blobs under ./var)."""
+    import uvicorn
+
+    settings = Settings()
+    if migrate:
+        _migrate(settings)
+    uvicorn.run(
+        "server.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+    )
+
+
+def _migrate(settings: Settings) -> None:
+    from server.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url())
+
+
+@server_app.command("migrate")
+def migrate_command(
+    revision: Annotated[str, typer.Argument(help="Target revision")] = "head",
+    downgrade: Annotated[bool, typer.Option(help="Downgrade to REVISION instead")] = False,
+) -> None:
+    """Apply (or revert) the database migrations."""
+    from server import migrate
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    if downgrade:
+        migrate.downgrade(url, revision)
+    else:
+        migrate.upgrade(url, revision)
+    out.print(f"database at {revision}: {_redact(url)}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+@keys_app.command("init")
+def keys_init(
+    online_dir: Annotated[
+        Path | None, typer.Option(help="Online keys (default <data_dir>/keys/online)")
+    ] = None,
+    root_dir: Annotated[
+        Path | None, typer.Option(help="Offline root keys (default <data_dir>/keys/root)")
+    ] = None,
+    root_keys: Annotated[int, typer.Option(min=1, help="Number of root keys")] = 1,
+    threshold: Annotated[int, typer.Option(min=1, help="Root signature threshold")] = 1,
+) -> None:
+    """Generate root (offline) and online signing keys, and root metadata v1."""
+    from server.trust.keys import init_keys
+
+    settings = Settings()
+    online = online_dir or settings.resolved_keys_dir() / "online"
+    root = root_dir or settings.resolved_keys_dir() / "root"
+    if (online / "1.root.json").exists():
+        err.print(f"[red]error:[/red] keys already exist in {online}; use 'diffcast keys rotate'")
+        raise typer.Exit(2)
+    init_keys(
+        online, root, now=datetime.now(UTC), root_key_count=root_keys, root_threshold=threshold
+    )
+    out.print(f"online keys in {online}; root keys in {root} -- move the root keys offline")
+
+
+def _client(server: str, token: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(30.0, read=600.0))
+
+
+def _call(action: Callable[[], httpx.Response]) -> Any:
+    """Run a request; print the server's error message and exit 2 on failure."""
+    try:
+        response = action()
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/red] cannot reach the server: {exc}")
+        raise typer.Exit(2) from None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        err.print(f"[red]error:[/red] {response.status_code}: {message}")
+        raise typer.Exit(2)
+    return response.json() if response.content else None
+
+
+@model_app.command("create")
+def model_create(
+    name: str, server: ServerUrl, token: Token, description: Annotated[str, typer.Option()] = ""
+) -> None:
+    """Create a model."""
+    with _client(server, token) as client:
+        _call(lambda: client.post("/v1/models", json={"name": name, "description": description}))
+    out.print(f"created model {name}")
+
+
+@model_app.command("list")
+def model_list(server: ServerUrl, token: Token) -> None:
+    """List models."""
+    with _client(server, token) as client:
+        rows = _call(lambda: client.get("/v1/models"))
+    table = Table("model", "versions", "latest", "description")
+    for row in rows:
+        table.add_row(row["name"], str(row["versions"]), str(row["latest"]), row["description"])
+    out.print(table)
+
+
+@version_app.command("publish")
+def version_publish(
+    model: str,
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A safetensors model, or a diff")
+    ],
+    server: ServerUrl,
+    token: Token,
+    parent: Annotated[int | None, typer.Option(help="Parent version (FILE is a diff)")] = None,
+    notes: Annotated[str, typer.Option()] = "",
+    method: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Publish a base model, or a diff against --parent."""
+    params: dict[str, Any] = {"notes": notes, "method": method}
+    if parent is not None:
+        params["parent"] = parent
+    size = file.stat().st_size
+
+    def send() -> httpx.Response:
+        with open(file, "rb") as body, _client(server, token) as client:
+            return client.post(
+                f"/v1/models/{model}/versions",
+                params=params,
+                content=body,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+
+    with err.status(f"uploading {file.name} ({size:,} bytes)"):
+        version = _call(send)
+    state = "published" if version["created"] else "already published as"
+    out.print(f"{state} {model} version {version['version']}: {version['digest']}")
+
+
+@version_app.command("list")
+def version_list(model: str, server: ServerUrl, token: Token, as_json: bool = False) -> None:
+    """List a model's versions."""
+    with _client(server, token) as client:
+        rows = _call(lambda: client.get(f"/v1/models/{model}/versions"))
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(
+        "version", "parent", "snapshot bytes", "diff bytes", "method", "retired", "digest"
+    )
+    for r in rows:
+        table.add_row(
+            str(r["version"]),
+            str(r["parent"] if r["parent"] is not None else ""),
+            f"{r['snapshot_size']:,}",
+            f"{r['diff_size']:,}" if r["diff_size"] else "",
+            r["method"],
+            "yes" if r["retired"] else "",
+            r["digest"][:23] + "…",
+        )
+    out.print(table)
+
+
+@version_app.command("show")
+def version_show(model: str, version: int, server: ServerUrl, token: Token) -> None:
+    """Show one version as JSON."""
+    with _client(server, token) as client:
+        out.print_json(
+            json.dumps(_call(lambda: client.get(f"/v1/models/{model}/versions/{version}")))
+        )
+
+
+@version_app.command("retire")
+def version_retire(model: str, version: int, server: ServerUrl, token: Token) -> None:
+    """Retire a version (devices stop being offered it)."""
+    with _client(server, token) as client:
+        _call(
+            lambda: client.patch(f"/v1/models/{model}/versions/{version}", json={"retired": True})
+        )
+    out.print(f"retired {model} version {version}")
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    server: ServerUrl,
+    token: Token,
+    scope: Annotated[list[str], typer.Option(help="read, publish or admin (repeatable)")],
+) -> None:
+    """Create an API token (printed once)."""
+    with _client(server, token) as client:
+        row = _call(lambda: client.post("/v1/tokens", json={"name": name, "scopes": scope}))
+    out.print(row["token"])
