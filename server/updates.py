@@ -136,7 +136,12 @@ def composed_blob(
                 composed_path(view.name, sha),
                 size,
                 sha,
-                {"kind": "composed", "digest": target.digest, "source_digest": source.digest},
+                {
+                    "kind": "composed",
+                    "digest": target.digest,
+                    "source_digest": source.digest,
+                    "version": target.number,
+                },
             )
         ],
     )

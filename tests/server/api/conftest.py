@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from diffs.container import diff_bytes
-from diffs.make import make_exact
-from diffs.model import Tensor, save_model
 from server.app import create_app
 from server.settings import Settings
 from server.trust.keys import init_keys
+from tests.lineage import Lineage, make_lineage
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 ADMIN_TOKEN = "dct_admin-test-token"
@@ -92,42 +88,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
     app.state.context.engine.dispose()
 
 
-@dataclass
-class Lineage:
-    """A base model and four successive fine-tunes, with the exact diffs between them."""
-
-    files: list[Path]
-    digests: list[str]
-    diffs: list[bytes]
-
-
 @pytest.fixture(scope="session")
 def lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
-    from diffs.digest import model_digest
-
-    out = tmp_path_factory.mktemp("lineage")
-    rng = np.random.default_rng(11)
-    model = {
-        "enc.weight": Tensor.of(rng.standard_normal((64, 48)).astype(np.float32)),
-        "enc.bias": Tensor.of(rng.standard_normal(64).astype(np.float32)),
-        "head.weight": Tensor.of(rng.standard_normal((16, 64)).astype(np.float16)),
-    }
-    files, digests, diffs = [], [], []
-    for number in range(5):
-        if number:
-            previous = model
-            model = {}
-            for name, tensor in previous.items():
-                flat = tensor.array.reshape(-1).copy()
-                chosen = rng.choice(flat.size, max(1, flat.size // 20), replace=False)
-                flat[chosen] += (rng.standard_normal(chosen.size) * 0.01).astype(flat.dtype)
-                model[name] = Tensor.of(flat.reshape(tensor.shape))
-            diffs.append(diff_bytes(make_exact(previous, model)))
-        path = out / f"v{number}.safetensors"
-        save_model(path, model)
-        files.append(path)
-        digests.append(model_digest(model))
-    return Lineage(files, digests, diffs)
+    return make_lineage(tmp_path_factory.mktemp("lineage"), 5)
 
 
 def publish_lineage(
