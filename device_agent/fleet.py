@@ -63,7 +63,12 @@ class FleetResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "converged": self.converged, "bytes_full": self.bytes_full}
+        return {
+            **asdict(self),
+            "converged": self.converged,
+            "bytes_downloaded": self.bytes_downloaded,
+            "bytes_full": self.bytes_full,
+        }
 
 
 def simulate(

@@ -116,6 +116,49 @@ def keys_init(
     out.print(f"online keys in {online}; root keys in {root} -- move the root keys offline")
 
 
+@keys_app.command("rotate-root")
+def keys_rotate_root(
+    server: ServerUrl,
+    token: Token,
+    root_dir: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="The current root keys")
+    ],
+    new_root_dir: Annotated[
+        Path, typer.Option(help="Where to write the new root keys (must not exist)")
+    ],
+    root_keys: Annotated[int, typer.Option(min=1, help="Number of new root keys")] = 1,
+    threshold: Annotated[int, typer.Option(min=1, help="New root signature threshold")] = 1,
+) -> None:
+    """Replace the root keys: sign root N+1 with the old and new keys, then publish it."""
+    from server.trust.keys import generate_root_keys, load_root_keys, rotate_root, write_root_keys
+
+    if new_root_dir.exists():
+        err.print(f"[red]error:[/red] {new_root_dir} exists; root keys are never overwritten")
+        raise typer.Exit(2)
+    if threshold > root_keys:
+        err.print("[red]error:[/red] the threshold cannot exceed the number of keys")
+        raise typer.Exit(2)
+    with _client(server, token) as client:
+        current = client.get("/tuf/root.json")
+        if current.status_code != 200:
+            err.print(
+                f"[red]error:[/red] cannot fetch the current root: HTTP {current.status_code}"
+            )
+            raise typer.Exit(2)
+        new_keys = generate_root_keys(root_keys, threshold)
+        new_root = rotate_root(
+            current.content, load_root_keys(root_dir), new_keys, now=datetime.now(UTC)
+        )
+        write_root_keys(new_root_dir, new_keys)
+        _call(
+            lambda: client.post(
+                "/v1/trust/root", content=new_root, headers={"Content-Type": "application/json"}
+            )
+        )
+    version = json.loads(new_root)["signed"]["version"]
+    out.print(f"published root v{version}; new root keys in {new_root_dir} -- move them offline")
+
+
 def _client(server: str, token: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(30.0, read=600.0))

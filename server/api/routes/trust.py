@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from server.api.deps import Admin, Context
-from server.errors import NotFoundError
+from server.errors import BadRequestError, NotFoundError
 from server.schemas import ProvisioningBundle
 
 router = APIRouter(tags=["trust"])
@@ -28,11 +29,31 @@ async def metadata(filename: str, ctx: Context) -> Response:
     return Response(body, media_type="application/json", headers={"Cache-Control": cache})
 
 
+@router.post(
+    "/v1/trust/root",
+    status_code=204,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def publish_root(request: Request, ctx: Context, _: Admin) -> None:
+    """Publish root metadata N+1 (made offline by ``diffcast keys rotate-root``).
+
+    It must be signed by a threshold of the current root's keys and of its own; devices
+    then follow the rotation one version at a time.
+    """
+    body = await request.body()
+    if len(body) > 512_000:
+        raise BadRequestError("root metadata larger than 512 kB")
+    await run_in_threadpool(ctx.trust.publish_root, body)
+
+
 @router.get("/v1/provisioning")
 def provisioning(ctx: Context, _: Admin) -> ProvisioningBundle:
     """The bundle a device is provisioned with: the trusted root and the enrollment secret."""
-    import json
-
     secret = ctx.settings.enrollment_secret
     if not secret:
         raise NotFoundError("no enrollment secret is configured (DIFFCAST_ENROLLMENT_SECRET)")
