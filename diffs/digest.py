@@ -87,10 +87,14 @@ def file_digest(path: str | os.PathLike[str], limits: DecodeLimits = DEFAULT_LIM
         return model_file_digest(mf)
 
 
-def model_file_digest(mf: ModelFile) -> str:
+def model_file_digest(mf: ModelFile, *, release: bool = False) -> str:
+    """Canonical digest of an open model file; ``release`` unmaps each tensor's pages once
+    hashed (:meth:`ModelFile.release`), so resident memory stays near one tensor."""
     hasher = ModelHasher(len(mf.infos))
     for name, info in mf.infos.items():
         hasher.add(name, info.dtype, info.shape, mf.raw(name))
+        if release:
+            mf.release(name)
     return hasher.hexdigest()
 
 

@@ -107,7 +107,15 @@ def check_fits(entry: InPlaceEntry | RemoveEntry, tensor: Tensor | None) -> Tens
 
 
 def patch_in_place(flat: npt.NDArray[Any], dtype: DType, entry: InPlaceEntry) -> None:
-    """Apply an in-place entry to the flat storage array of a tensor, modifying it."""
+    """Apply an in-place entry to the flat storage array of a tensor, modifying it.
+
+    Overflow to infinity is part of the defined arithmetic, so numpy is told not to warn.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        _patch(flat, dtype, entry)
+
+
+def _patch(flat: npt.NDArray[Any], dtype: DType, entry: InPlaceEntry) -> None:
     if isinstance(entry, ExactEntry):
         bits = flat.view(dtype.bits)
         bits[entry.positions] ^= entry.xor

@@ -214,9 +214,9 @@ def make_hashed(
         total_buckets = max(len(names), int(total_buckets * min(0.98, budget_bytes / size)))
         diff = build(total_buckets)
         size = len(diff_bytes(diff, options))
-    return _finish(
-        base, target, diff, "hashed", budget_bytes, total_buckets, changed, names, options
-    )
+    # The buckets really sent: a tensor never gets more buckets than it has elements.
+    kept = sum(len(e.buckets) for e in diff.entries if isinstance(e, HashedEntry))
+    return _finish(base, target, diff, "hashed", budget_bytes, kept, changed, names, options)
 
 
 def _fit_buckets(

@@ -183,7 +183,7 @@ def parse_manifest(metadata: Mapping[str, str], limits: DecodeLimits) -> Manifes
 def _json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also ints of > 4300 digits
         raise DiffFormatError(f"{what} is not valid JSON: {exc}") from None
 
 
@@ -197,12 +197,12 @@ def _entry(raw: object, limits: DecodeLimits) -> EntrySpec:
     if not isinstance(raw, dict):
         raise DiffFormatError("each entry must be a JSON object")
     kind = raw.get("kind")
-    if kind not in _KEYS:
+    if not isinstance(kind, str) or kind not in _KEYS:  # a list kind is unhashable
         raise DiffFormatError(f"unknown entry kind {kind!r}")
     if set(raw) != _KEYS[kind]:
         raise DiffFormatError(f"{kind} entry must have exactly the keys {sorted(_KEYS[kind])}")
     name = raw["tensor"]
-    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+    if not isinstance(name, str) or not name or len(_utf8(name)) > MAX_NAME_BYTES:
         raise DiffFormatError(f"bad tensor name {name!r}")
     try:
         dtype = DType.parse(raw["dtype"])
@@ -232,6 +232,14 @@ def _entry(raw: object, limits: DecodeLimits) -> EntrySpec:
     return spec
 
 
+def _utf8(text: str) -> bytes:
+    """The UTF-8 bytes of ``text``; a lone surrogate (a JSON escape) is a format error."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DiffFormatError(f"tensor name {text!r} is not valid UTF-8") from None
+
+
 def _codec(raw: object, name: str) -> Codec:
     try:
         return Codec(raw)
@@ -254,8 +262,13 @@ def _values(raw: object, name: str) -> ValuesSpec:
     scale = raw.get("scale")
     if (fmt is ValueFormat.I8) != (scale is not None):
         raise DiffFormatError(f"tensor {name!r}: a scale goes with i8 values, and only with them")
-    if scale is not None and (
-        not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale)
-    ):
-        raise DiffFormatError(f"tensor {name!r}: scale must be a finite number")
-    return ValuesSpec(fmt, codec, None if scale is None else float(scale))
+    if scale is not None:
+        if not isinstance(scale, int | float) or isinstance(scale, bool):
+            raise DiffFormatError(f"tensor {name!r}: scale must be a finite number")
+        try:
+            scale = float(scale)  # an int of 400 digits overflows
+        except OverflowError:
+            scale = math.inf
+        if not math.isfinite(scale):
+            raise DiffFormatError(f"tensor {name!r}: scale must be a finite number")
+    return ValuesSpec(fmt, codec, scale)

@@ -15,6 +15,7 @@ Either way the base digest, every intermediate digest and the final digest are c
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -71,7 +72,7 @@ def apply_to_file(
     skips re-hashing the base. On any error nothing is written at ``out_path``.
     """
     with ModelFile(base_path, limits=limits) as base:
-        actual = base_digest if base_digest is not None else model_file_digest(base)
+        actual = base_digest if base_digest is not None else model_file_digest(base, release=True)
         if not updates:
             raise ValueError("an empty chain has nothing to apply")
         if updates[0].base_digest != actual:
@@ -109,11 +110,12 @@ def _patch_copy(
                 for name in step.positions:
                     entry = step.entry(name)
                     assert isinstance(entry, SparseEntry | HashedEntry | ExactEntry)
-                    _patch_tensor(work, entry)
+                    patch_tensor(work, entry)
+                    del entry  # freed before the next one decodes: peak is one entry, not two
                     done += 1
                     if progress is not None:
                         progress(done, total)
-                got = model_file_digest(work)
+                got = model_file_digest(work, release=True)
                 if got != step.update.target_digest:
                     raise TargetMismatchError(
                         f"diff {number} of the chain declares target {step.update.target_digest}, "
@@ -128,10 +130,30 @@ def _patch_copy(
         tmp.unlink(missing_ok=True)
 
 
-def _patch_tensor(work: ModelFile, entry: InPlaceEntry) -> None:
+def patch_tensor(work: ModelFile, entry: InPlaceEntry) -> None:
+    """Apply one decoded in-place entry to its tensor in a writable model file.
+
+    When the entry will write to most of the tensor's pages, they are mapped writable up
+    front in one call rather than faulted in one by one; afterwards they are unmapped
+    from this process (the file keeps the data), so resident memory follows one tensor.
+    """
     tensor = check_fits(entry, work.get(entry.name))
     flat = tensor.array.reshape(-1)  # a view of the writable mapping
+    if _writes_most_pages(entry, flat.nbytes):
+        work.prefault_for_write(entry.name)
     patch_in_place(flat, tensor.dtype, entry)
+    work.release(entry.name)
+
+
+def _writes_most_pages(entry: InPlaceEntry, nbytes: int) -> bool:
+    """Whether ``entry`` is expected to write to most (~86%+) pages of its tensor: hashed
+    entries write every element; ``k`` uniformly spread positions over ``P`` pages leave
+    about ``exp(-k / P)`` of them untouched, so ``k >= 2 P``. (Populating pages that are
+    never written would only dirty them.)"""
+    if isinstance(entry, HashedEntry):
+        return True
+    pages = -(-nbytes // mmap.PAGESIZE)
+    return int(entry.positions.size) >= 2 * pages
 
 
 def _rewrite(

@@ -41,6 +41,8 @@ MODE_ALL = 1
 DEFAULT_BLOCK_LOG2 = 12
 MAX_RICE_PARAM = 32
 _U64 = np.uint64
+_LOW_MASKS = (np.uint64(1) << np.arange(MAX_RICE_PARAM + 1, dtype=np.uint64)) - np.uint64(1)
+"""``_LOW_MASKS[w]``: the low ``w`` bits set."""
 
 
 def position_bound_bits(n: int, k: int) -> float:
@@ -94,31 +96,52 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
     if len(buf) < params_end or unary_nbytes > len(buf) - params_end:
         raise DiffFormatError("position section truncated")
     params = np.frombuffer(buf, dtype=np.uint8, count=nblocks, offset=10)
-    if nblocks and int(params.max()) > MAX_RICE_PARAM:
+    pmax = int(params.max()) if nblocks else 0
+    if pmax > MAX_RICE_PARAM:
         raise DiffFormatError("Rice parameter above 32")
-    uniform = nblocks > 0 and bool(np.all(params == params[0]))
-    widths: npt.NDArray[np.int64] | int = (
-        int(params[0]) if uniform else np.repeat(params.astype(np.int64), block)[:k]
-    )
-    rem_bits = widths * k if isinstance(widths, int) else int(widths.sum())
+    uniform = nblocks > 0 and int(params.min()) == pmax
+    # One byte per gap when the blocks' widths differ: k-sized temporaries are what cost.
+    widths: npt.NDArray[np.uint8] | int = pmax if uniform else np.repeat(params, block)[:k]
+    rem_bits = widths * k if isinstance(widths, int) else int(widths.sum(dtype=np.int64))
     rem_start = params_end + unary_nbytes
     if len(buf) != rem_start + (rem_bits + 7) // 8:
         need = rem_start + (rem_bits + 7) // 8
         raise DiffFormatError(f"position section is {len(buf)} bytes, its streams need {need}")
     unary = np.frombuffer(buf, dtype=np.uint8, count=unary_nbytes, offset=params_end)
-    ones = np.flatnonzero(np.unpackbits(unary, bitorder="little").view(np.bool_))
-    if ones.size != k:
-        raise DiffFormatError(f"unary stream codes {ones.size} gaps, expected {k}")
-    quotients = np.diff(ones, prepend=-1) - 1
-    if k and int(quotients.max()) > (n >> int(params.min())):
+    bits = np.unpackbits(unary, bitorder="little").view(np.bool_)
+    ones_count = int(np.count_nonzero(bits))  # before allocating 8 bytes per one bit
+    if ones_count != k:
+        raise DiffFormatError(f"unary stream codes {ones_count} gaps, expected {k}")
+    ones = np.flatnonzero(bits)
+    quotients = np.empty_like(ones)  # the gaps' quotients: ones[i] - ones[i-1] - 1
+    if k:
+        quotients[0] = ones[0]
+        np.subtract(ones[1:], ones[:-1], out=quotients[1:])
+        quotients[1:] -= 1
+    # Per gap, q << r <= n - 1: so every gap is below n + 2**32 and no shift overflows.
+    # (Checked on each block's largest quotient: no per-gap temporary.)
+    if k and (
+        int(quotients.max()) > ((n - 1) >> widths)
+        if isinstance(widths, int)
+        else bool(
+            (
+                np.maximum.reduceat(quotients, np.arange(0, k, block))
+                > ((n - 1) >> params.astype(np.int64))
+            ).any()
+        )
+    ):
         raise DiffFormatError("a gap runs past the end of the tensor")
     gaps = _unpack_fields(buf[rem_start:], widths, k)
-    gaps |= quotients << widths
+    quotients <<= widths
+    gaps |= quotients
     gaps += 1
     positions = np.cumsum(gaps, out=gaps)
     positions -= 1
-    if k and (positions[-1] >= n):
-        raise DiffFormatError(f"position {int(positions[-1])} is outside a tensor of {n}")
+    # The last position is the largest unless the int64 sum wrapped, which needs k gaps
+    # summing past 2**63; only then are all positions checked.
+    wrap_possible = k * (n + (1 << MAX_RICE_PARAM)) >= 1 << 63
+    if k and (positions[-1] >= n or (wrap_possible and int(positions.max()) >= n)):
+        raise DiffFormatError(f"a position is outside a tensor of {n}")
     return positions
 
 
@@ -169,7 +192,7 @@ def _pack_fields(values: npt.NDArray[np.int64], widths: npt.NDArray[np.int64]) -
 
 
 def _unpack_fields(
-    stream: memoryview, widths: npt.NDArray[np.int64] | int, k: int
+    stream: memoryview, widths: npt.NDArray[np.uint8] | int, k: int
 ) -> npt.NDArray[np.int64]:
     """Inverse of :func:`_pack_fields` (widths up to 32): one gather of 64-bit windows.
 
@@ -187,8 +210,9 @@ def _unpack_fields(
         starts = np.arange(0, k * widths, widths, dtype=np.int64)
         masks: npt.NDArray[np.uint64] | np.uint64 = _U64((1 << widths) - 1)
     else:
-        starts = np.cumsum(widths) - widths
-        masks = (_U64(1) << widths.astype(_U64)) - _U64(1)
+        starts = np.cumsum(widths, dtype=np.int64)
+        starts -= widths
+        masks = np.take(_LOW_MASKS, widths)
     fields = np.take(windows, starts >> 3)
     starts &= 7
     fields >>= starts.view(_U64)

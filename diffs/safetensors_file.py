@@ -104,7 +104,7 @@ def parse_header(
         raise ModelFormatError("file ended inside the header")
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also ints of > 4300 digits
         raise ModelFormatError(f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise ModelFormatError("header is not a JSON object")
@@ -117,7 +117,8 @@ def _validate_header(
 ) -> SafetensorsHeader:
     metadata_raw = parsed.pop(METADATA_KEY, {})
     if not isinstance(metadata_raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+        isinstance(k, str) and isinstance(v, str) and _is_utf8(k) and _is_utf8(v)
+        for k, v in metadata_raw.items()
     ):
         raise ModelFormatError("__metadata__ must map strings to strings")
     if len(parsed) > limits.max_tensors:
@@ -141,9 +142,18 @@ def _validate_header(
     return SafetensorsHeader(dict(metadata_raw), ordered, data_start)
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (JSON escapes can smuggle in lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _validate_tensor(name: str, spec: object, data_start: int, limits: DecodeLimits) -> TensorInfo:
-    if not name:
-        raise ModelFormatError("empty tensor name")
+    if not name or not _is_utf8(name):
+        raise ModelFormatError(f"tensor name {name!r} is empty or not valid UTF-8")
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise ModelFormatError(f"tensor {name!r}: expected keys dtype, shape, data_offsets")
     dtype = DType.parse(spec["dtype"])
@@ -152,6 +162,8 @@ def _validate_tensor(name: str, spec: object, data_start: int, limits: DecodeLim
         raise ModelFormatError(f"tensor {name!r}: shape must be a list of non-negative integers")
     if len(shape) > limits.max_ndim:
         raise LimitExceededError(f"tensor {name!r} has {len(shape)} dimensions")
+    if any(d > limits.max_tensor_elements for d in shape):  # [0, 2**70] has 0 elements
+        raise LimitExceededError(f"tensor {name!r} has a dimension above the element cap")
     count = numel(tuple(shape))
     if count > limits.max_tensor_elements:
         raise LimitExceededError(f"tensor {name!r} declares {count} elements")
@@ -190,6 +202,10 @@ def encode_header(layouts: Iterable[TensorLayout], metadata: Mapping[str, str]) 
     for layout in sorted(layouts, key=lambda t: sort_key(t.name)):
         if layout.name == METADATA_KEY or layout.name in entries:
             raise ModelFormatError(f"invalid or repeated tensor name {layout.name!r}")
+        try:
+            layout.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelFormatError(f"tensor name {layout.name!r} is not valid Unicode") from None
         entries[layout.name] = {
             "dtype": layout.dtype.value,
             "shape": list(layout.shape),

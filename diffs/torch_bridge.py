@@ -67,7 +67,8 @@ def to_state_dict(model: Model) -> dict[str, torch.Tensor]:
     for name, tensor in model.items():
         if tensor.dtype not in inverse:
             raise ModelFormatError(f"tensor {name!r}: torch has no {tensor.dtype.value}")
-        array = np.ascontiguousarray(tensor.array)
+        # reshape: np.ascontiguousarray turns a 0-d array into a 1-d one
+        array = np.ascontiguousarray(tensor.array).reshape(tensor.shape)
         if tensor.dtype is DType.BF16:
             state[name] = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
         else:

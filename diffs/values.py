@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import io
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,13 +147,85 @@ def decode_array(
         return np.frombuffer(section, dtype=dtype, count=count)
     raw = _bounded_decompress(section, expected)
     if codec is Codec.SHUFFLE:
-        planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, count)
-        return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
+        return _unshuffle(np.frombuffer(raw, dtype=np.uint8), dtype, count)
     return np.frombuffer(raw, dtype=dtype, count=count)
 
 
+def _unshuffle(planes: npt.NDArray[np.uint8], dtype: np.dtype[Any], count: int) -> npt.NDArray[Any]:
+    """Interleave byte planes back into elements: element ``i`` is ``planes[j][i]`` for
+    ``j = 0..width-1``, little-endian. Built with whole-array shifts and ORs on a
+    ``<u{width}`` array (a strided byte transpose is several times slower)."""
+    width = dtype.itemsize
+    if width == 1:
+        return planes.view(dtype)
+    rows = planes.reshape(width, count)
+    out: npt.NDArray[Any] = rows[width - 1].astype(np.dtype(f"<u{width}"))
+    for j in range(width - 2, -1, -1):
+        out <<= 8
+        out |= rows[j]
+    result: npt.NDArray[Any] = out.view(dtype)
+    return result
+
+
+_READ_CHUNK = 1 << 24
+"""Most bytes asked of the decompressor at once: ``read(n)`` allocates ``n`` bytes up front,
+so memory follows what the frame really holds, not what the manifest declares."""
+
+
+_REUSE_WINDOW = 1 << 24
+_thread = threading.local()
+
+
+def _decompressor(section: bytes | memoryview) -> zstandard.ZstdDecompressor:
+    """A decompressor for one frame: this thread's own, reused, when the frame's window is
+    at most ``_REUSE_WINDOW`` (setting one up costs several microseconds per array); a
+    fresh one otherwise, so that no thread keeps a large window buffer alive. An instance
+    must never serve two threads at once, hence one per thread."""
+    try:
+        window = zstandard.get_frame_parameters(section).window_size
+    except zstandard.ZstdError:  # not a frame header: the reader will say what is wrong
+        window = _REUSE_WINDOW + 1
+    if window > _REUSE_WINDOW:
+        return zstandard.ZstdDecompressor()
+    dctx: zstandard.ZstdDecompressor | None = getattr(_thread, "dctx", None)
+    if dctx is None:
+        dctx = _thread.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def _decompress_into(section: bytes | memoryview, expected: int) -> bytearray:
+    """One frame straight into one buffer; it must hold exactly ``expected`` bytes.
+
+    The buffer has room for one byte more, asked for in the same reads, which is how a
+    frame that holds more shows itself (a read after the buffer is full can miss it).
+    """
+    data = bytearray(expected + 1)
+    filled = 0
+    try:
+        reader = _decompressor(section).stream_reader(section, read_across_frames=False)
+        with reader, memoryview(data) as view:
+            while filled <= expected:
+                got = reader.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+    except zstandard.ZstdError as exc:
+        raise DiffFormatError(f"corrupt Zstandard frame: {exc}") from None
+    if filled != expected:
+        raise DiffFormatError(f"compressed array holds {filled}+ bytes, expected {expected}")
+    del data[expected:]
+    return data
+
+
 def _bounded_decompress(section: bytes | memoryview, expected: int) -> bytearray:
-    """Decompress one Zstandard frame that must hold exactly ``expected`` bytes."""
+    """Decompress one Zstandard frame that must hold exactly ``expected`` bytes.
+
+    Below ``_READ_CHUNK`` bytes, the frame is decoded straight into one buffer (no
+    intermediate chunks, no copies); larger arrays are read a chunk at a time. Either way
+    at most ``_READ_CHUNK`` bytes are allocated before the frame shows it holds them.
+    """
+    if expected < _READ_CHUNK:
+        return _decompress_into(section, expected)
     data = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(
@@ -160,7 +233,7 @@ def _bounded_decompress(section: bytes | memoryview, expected: int) -> bytearray
         )
         with reader:
             while len(data) <= expected:
-                chunk = reader.read(expected + 1 - len(data))
+                chunk = reader.read(min(expected + 1 - len(data), _READ_CHUNK))
                 if not chunk:
                     break
                 data += chunk

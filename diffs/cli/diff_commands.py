@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # names and messages may hold "[/x]", which rich would parse
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -54,13 +55,13 @@ def _run(action: Callable[[], T]) -> T:
     try:
         return action()
     except DigestMismatchError as exc:
-        err.print(f"[red]digest mismatch:[/red] {exc}")
+        err.print(f"[red]digest mismatch:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     except DiffError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"[red]error:[/red] {exc.filename or ''}: {exc.strerror}")
+        err.print(f"[red]error:[/red] {escape(str(exc.filename or ''))}: {exc.strerror}")
         raise typer.Exit(2) from None
 
 
@@ -139,13 +140,18 @@ def make(
 
     with err.status(f"making {method.value} diff"):
         report = _run(action)
-    out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+    out.print(f"wrote {escape(str(output))} ({output.stat().st_size:,} bytes)")
     if report is not None:
         out.print(
             f"kept {report.kept:,} of {report.changed:,} changed elements"
             f" ({report.method}); relative L2 error {report.rel_l2_error:.4f},"
             f" max abs error {report.max_abs_error:.3g}"
         )
+        if report.encoded_bytes > report.budget_bytes:
+            err.print(
+                f"[yellow]warning:[/yellow] the smallest diff this method can make is "
+                f"{report.encoded_bytes:,} bytes, above the budget of {report.budget_bytes:,}"
+            )
 
 
 @app.command()
@@ -168,7 +174,7 @@ def apply(
                 reader.close()
 
     digest = _run(action)
-    out.print(f"wrote {output}: {digest}")
+    out.print(f"wrote {escape(str(output))}: {digest}")
 
 
 @app.command()
@@ -193,7 +199,7 @@ def compose(
 
     with err.status("composing"):
         _run(action)
-    out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+    out.print(f"wrote {escape(str(output))} ({output.stat().st_size:,} bytes)")
 
 
 @app.command()
@@ -209,17 +215,17 @@ def inspect(
         if as_json:
             out.print_json(json.dumps(summary.to_json()))
             return
-        out.print(f"[bold]{diff.name}[/bold]  {summary.file_bytes:,} bytes")
+        out.print(f"[bold]{escape(diff.name)}[/bold]  {summary.file_bytes:,} bytes")
         out.print(f"base   {summary.base_digest}\ntarget {summary.target_digest}")
         if summary.info:
-            out.print("info   " + json.dumps(summary.info, sort_keys=True))
+            out.print("info   " + escape(json.dumps(summary.info, sort_keys=True)))
         table = Table(
             "tensor", "kind", "dtype", "shape", "changed", "density", "bytes", "pos/bound"
         )
         for e in summary.entries:
             ratio = e.position_ratio
             table.add_row(
-                e.tensor,
+                escape(e.tensor),
                 e.kind,
                 e.dtype,
                 "x".join(map(str, e.shape)) or "scalar",
@@ -247,7 +253,7 @@ def verify(
 
     def action() -> None:
         digest = file_digest(model)
-        out.print(f"{model}: {digest}")
+        out.print(f"{escape(str(model))}: {digest}")
         if expect is not None and digest != expect:
             raise DigestMismatchError(
                 f"{model} is {digest}, expected {expect}", expected=expect, actual=digest
@@ -263,6 +269,6 @@ def verify(
                 for reader in readers:
                     reader.close()
             for path, reader in zip(diffs, readers, strict=True):
-                out.print(f"{path}: reaches {reader.target_digest} [green]ok[/green]")
+                out.print(f"{escape(str(path))}: reaches {reader.target_digest} [green]ok[/green]")
 
     _run(action)
