@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 from server import migrate
 from server.api import errors
 from server.api.deps import Context
-from server.api.routes import blobs, devices, models, tokens, trust
+from server.api.routes import blobs, devices, models, releases, tokens, trust
 from server.auth import Scope, secret_hash
 from server.blobs.factory import make_blob_store
 from server.catalog import Catalog
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.device_credentials = {}
     app.state.started = time.time()
     errors.install(app)
-    for module in (models, devices, blobs, trust, tokens):
+    for module in (models, devices, blobs, trust, tokens, releases):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

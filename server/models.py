@@ -19,6 +19,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -150,3 +151,71 @@ class TufMetadataRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     body: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ReleaseRow(Base):
+    """A release: one target version for the devices a selector picks, rolled out in
+    phases. See :mod:`server.rollout` for how devices are chosen."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    """draft, active, paused, halted or completed."""
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """``{"tags": {key: [values]}, "devices": [ids]}``; empty selects every device."""
+    percent: Mapped[float] = mapped_column(Float)
+    """Share of the selected devices in the rollout (only ever raised)."""
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    window_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rollback: Mapped[bool] = mapped_column(Boolean, default=False)
+    """An explicit rollback to an older version (signed as such)."""
+    failure_threshold: Mapped[float] = mapped_column(Float)
+    min_attempts: Mapped[int] = mapped_column(Integer)
+    max_wer_regression: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Quality gate: the most any cohort's WER may rise against the replaced version."""
+    halt_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AssignmentRow(Base):
+    """A device's progress in a release (written when it first gets the release's plan)."""
+
+    __tablename__ = "release_assignments"
+    __table_args__ = (UniqueConstraint("release_id", "device_id", name="uq_assignment_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(
+        ForeignKey("releases.id", ondelete="CASCADE"), index=True
+    )
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    """pending (plan served), applied or failed."""
+    reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes_downloaded: Mapped[int] = mapped_column(BigInteger, default=0)
+    assigned_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AuditRow(Base):
+    """One operator action: who, what, when, from where. Never updated or deleted."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    remote: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -87,3 +87,74 @@ class ProvisioningBundle(BaseModel):
     trusted_root: dict[str, Any]
     enrollment_secret: str
     metadata_path: str = "/tuf/"
+
+
+class SelectorSchema(Strict):
+    tags: dict[str, list[str]] = Field(default_factory=dict, max_length=32)
+    devices: list[str] = Field(default_factory=list, max_length=10000)
+
+
+class ReleaseCreate(Strict):
+    model: str
+    version: int = Field(ge=0)
+    name: str = Field(default="", max_length=128)
+    selector: SelectorSchema = Field(default_factory=SelectorSchema)
+    percent: float = Field(default=100.0, ge=0, le=100)
+    rate_per_minute: int | None = Field(default=None, ge=1)
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    rollback: bool = Field(default=False, description="an explicit, signed rollback")
+    failure_threshold: float = Field(default=0.2, gt=0, le=1)
+    min_attempts: int = Field(default=5, ge=1)
+    max_wer_regression: float | None = Field(default=None, ge=0)
+    activate: bool = False
+
+
+class ReleaseExpand(Strict):
+    percent: float = Field(ge=0, le=100)
+
+
+class ReleaseAction(Strict):
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class ReleaseProgress(BaseModel):
+    started: int
+    pending: int
+    applied: int
+    failed: int
+    failures_by_reason: dict[str, int]
+    bytes_downloaded: int
+    bytes_full_equivalent: int
+
+
+class ReleasePublic(BaseModel):
+    id: int
+    model: str
+    version: int
+    name: str
+    state: str
+    selector: SelectorSchema
+    percent: float
+    rate_per_minute: int | None
+    window_start: datetime | None
+    window_end: datetime | None
+    rollback: bool
+    failure_threshold: float
+    min_attempts: int
+    max_wer_regression: float | None
+    halt_reason: str | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    progress: ReleaseProgress | None = None
+
+
+class AuditPublic(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    remote: str | None
+    detail: dict[str, Any]

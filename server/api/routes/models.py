@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from server.api.deps import Context, Publisher, Reader
+from server.audit import record
 from server.db import transaction
 from server.errors import ConflictError, NotFoundError
 from server.models import BlobRow, ModelRow, VersionRow
@@ -31,12 +32,15 @@ def _model_public(session_model: ModelRow, count: int, latest: int | None) -> Mo
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_model(body: ModelCreate, ctx: Context, _: Publisher) -> ModelPublic:
+def create_model(
+    body: ModelCreate, request: Request, ctx: Context, operator: Publisher
+) -> ModelPublic:
     try:
         with transaction(ctx.sessions) as session:
             row = ModelRow(name=body.name, description=body.description)
             session.add(row)
             session.flush()
+            record(session, operator, "model.create", f"model/{body.name}", request)
             session.refresh(row)
     except IntegrityError:
         raise ConflictError(f"a model named {body.name!r} exists") from None
@@ -138,7 +142,7 @@ async def publish_version(
     request: Request,
     response: Response,
     ctx: Context,
-    _: Publisher,
+    operator: Publisher,
     parent: Annotated[
         int | None, Query(ge=0, description="parent version: the body is a diff")
     ] = None,
@@ -163,13 +167,29 @@ async def publish_version(
     if not published.created:
         response.status_code = status.HTTP_200_OK
     number = published.version.number
+    with transaction(ctx.sessions) as session:
+        record(
+            session,
+            operator,
+            "version.publish",
+            f"model/{model}/version/{number}",
+            request,
+            parent=parent,
+            sha256=upload.sha256,
+            created=published.created,
+        )
     public = _versions(ctx, model, number)[0]
     return public.model_copy(update={"created": published.created})
 
 
 @router.patch("/{model}/versions/{number}")
 def update_version(
-    model: str, number: int, body: VersionUpdate, ctx: Context, _: Publisher
+    model: str,
+    number: int,
+    body: VersionUpdate,
+    request: Request,
+    ctx: Context,
+    operator: Publisher,
 ) -> VersionPublic:
     with transaction(ctx.sessions) as session:
         row = session.scalar(
@@ -179,7 +199,16 @@ def update_version(
         )
         if row is None:
             raise NotFoundError(f"model {model!r} has no version {number}")
-        for field, value in body.model_dump(exclude_none=True).items():
+        changes = body.model_dump(exclude_none=True)
+        for field, value in changes.items():
             setattr(row, field, value)
+        record(
+            session,
+            operator,
+            "version.update",
+            f"model/{model}/version/{number}",
+            request,
+            **changes,
+        )
     ctx.catalog.invalidate(model)
     return _versions(ctx, model, number)[0]

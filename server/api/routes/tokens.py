@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from sqlalchemy import select
 
 from server.api.deps import Admin, Context
+from server.audit import record
 from server.auth import Scope, new_secret, secret_hash
 from server.db import transaction
 from server.errors import NotFoundError
@@ -16,7 +17,9 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_token(body: TokenCreate, ctx: Context, _: Admin) -> TokenCreated:
+def create_token(
+    body: TokenCreate, request: Request, ctx: Context, operator: Admin
+) -> TokenCreated:
     secret = new_secret("dct")
     with transaction(ctx.sessions) as session:
         row = ApiTokenRow(
@@ -28,6 +31,15 @@ def create_token(body: TokenCreate, ctx: Context, _: Admin) -> TokenCreated:
         session.add(row)
         session.flush()
         session.refresh(row)
+        record(
+            session,
+            operator,
+            "token.create",
+            f"token/{row.id}",
+            request,
+            scopes=row.scopes,
+            name=row.name,
+        )
     return TokenCreated(
         id=row.id,
         name=row.name,
@@ -54,9 +66,10 @@ def list_tokens(ctx: Context, _: Admin) -> list[TokenPublic]:
 
 
 @router.delete("/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_token(token_id: int, ctx: Context, _: Admin) -> None:
+def revoke_token(token_id: int, request: Request, ctx: Context, operator: Admin) -> None:
     with transaction(ctx.sessions) as session:
         row = session.get(ApiTokenRow, token_id)
         if row is None:
             raise NotFoundError(f"no token {token_id}")
         row.revoked = True
+        record(session, operator, "token.revoke", f"token/{token_id}", request)

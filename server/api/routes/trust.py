@@ -10,6 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from server.api.deps import Admin, Context
+from server.audit import record
+from server.db import transaction
 from server.errors import BadRequestError, NotFoundError
 from server.schemas import ProvisioningBundle
 
@@ -39,7 +41,7 @@ async def metadata(filename: str, ctx: Context) -> Response:
         }
     },
 )
-async def publish_root(request: Request, ctx: Context, _: Admin) -> None:
+async def publish_root(request: Request, ctx: Context, operator: Admin) -> None:
     """Publish root metadata N+1 (made offline by ``diffcast keys rotate-root``).
 
     It must be signed by a threshold of the current root's keys and of its own; devices
@@ -49,6 +51,9 @@ async def publish_root(request: Request, ctx: Context, _: Admin) -> None:
     if len(body) > 512_000:
         raise BadRequestError("root metadata larger than 512 kB")
     await run_in_threadpool(ctx.trust.publish_root, body)
+    version = json.loads(body)["signed"]["version"]
+    with transaction(ctx.sessions) as session:
+        record(session, operator, "trust.publish_root", f"root/{version}", request)
 
 
 @router.get("/v1/provisioning")
