@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := zstd bsdiff xdelta3
+DEBIAN_PACKAGES := zstd bsdiff xdelta3 espeak-ng chromium chromium-driver
 
 .PHONY: help install system-deps demo check test test-slow bench-codec format clean
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install the project with its dev tools
 
-system-deps:  ## Install the Debian packages the benchmarks compare against (needs root)
+system-deps:  ## Install the Debian packages the benchmarks and the browser test use (needs root)
 	@scripts/install-debian-packages $(DEBIAN_PACKAGES)
 
 demo: $(STAMP)  ## The main job (for now: the diff library end to end with the CLI)
@@ -29,7 +29,7 @@ check: $(STAMP)  ## ruff (lint + format) and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP)  ## The default test suite (a few minutes on 2 cores)
+test: $(STAMP) system-deps  ## The default test suite (a few minutes on 2 cores)
 	$(BIN)/pytest -m "not slow" -q
 
 test-slow: $(STAMP)  ## Long fuzzing and stress tests
@@ -44,3 +44,19 @@ format: $(STAMP)  ## Reformat the code
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+.PHONY: bench-server
+bench-server: $(STAMP)  ## Server load (polls, plans, blobs) on SQLite and PostgreSQL, with wrk
+	@scripts/install-debian-packages wrk
+	$(BIN)/python bench/server_load.py
+
+.PHONY: bench-agent
+bench-agent: $(STAMP)  ## Device apply time and peak RSS (anon vs file) for 1M/10M/100M models, 1%/10% diffs, 5-step chains
+	$(BIN)/python bench/agent_apply.py
+
+.PHONY: asr-deps train-base
+asr-deps:  ## Install espeak-ng, the synthesizer of the ASR corpus (Debian; needs root)
+	@scripts/install-debian-packages espeak-ng
+
+train-base: $(STAMP) asr-deps  ## Train the reference ASR base model (deterministic, 2 threads; corpus cached in .cache/asr-corpus)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/diffcast asr train-base --out asr/checkpoints/base.safetensors

@@ -17,6 +17,7 @@ from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from device_agent.errors import AgentError
 from device_agent.fleet import simulate
+from device_agent.health import MaxAbsHealthCheck
 from device_agent.provision import provision as provision_state
 
 out = Console(soft_wrap=True)
@@ -65,14 +66,29 @@ def run(
     model: Annotated[str, typer.Option(help="The model this device runs")],
     once: Annotated[bool, typer.Option(help="One poll cycle, then exit")] = False,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls")] = 30.0,
+    health_check_max_abs: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Refuse a model with a float element whose |value| exceeds this bound "
+            "(or that is NaN/inf); it is never tried again",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Enroll (first time), then poll, download, verify, apply and report."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s"
     )
+    health_check = None
+    if health_check_max_abs is not None:
+        try:
+            health_check = MaxAbsHealthCheck(health_check_max_abs)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--health-check-max-abs") from None
     agent = Agent(
-        AgentConfig(server_url=server, state_dir=state_dir, model=model, poll_interval=interval)
+        AgentConfig(server_url=server, state_dir=state_dir, model=model, poll_interval=interval),
+        health_check=health_check,
     )
     try:
         result = agent.run(once=once)

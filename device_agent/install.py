@@ -19,7 +19,13 @@ import httpx
 
 from device_agent.config import AgentConfig
 from device_agent.download import download
-from device_agent.errors import ApplyError, DigestError, DownloadError, TrustError
+from device_agent.errors import (
+    ApplyError,
+    DigestError,
+    DowngradeError,
+    DownloadError,
+    TrustError,
+)
 from device_agent.state import InstalledModel, StateDir
 from device_agent.trust import SignedTarget, TrustedMetadata
 from diffs.digest import file_digest
@@ -77,6 +83,18 @@ def build(
     signed = [trusted.target(step.target_path) for step in option.steps]
     for step, facts in zip(option.steps, signed, strict=True):
         check_step(step, facts, config)
+    version = signed[-1].custom.get("version")
+    if (
+        live is not None
+        and isinstance(live.version, int)
+        and isinstance(version, int)
+        and version < live.version
+    ):
+        # refused before a byte is downloaded: otherwise every poll would fetch it again
+        raise DowngradeError(
+            f"version {version} is older than the installed {live.version}; "
+            "only a signed rollback may go back"
+        )
     if option.kind != "full":
         if live is None or option.steps[0].source_digest != live.digest:
             raise ApplyError("the plan's first diff does not apply to the live model")
@@ -108,7 +126,6 @@ def build(
         )
     on_phase("applying")
     target_digest = option.steps[-1].target_digest
-    version = signed[-1].custom.get("version")
     staged = state.staging / f"{target_digest.removeprefix('sha256:')}.safetensors"
     try:
         if option.kind == "full":
