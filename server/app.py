@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from sqlalchemy import select, text
 
-from server import migrate
+from server import dashboard, migrate
 from server.api import errors
 from server.api.deps import Context
 from server.api.routes import blobs, devices, models, releases, tokens, trust
@@ -16,6 +16,8 @@ from server.blobs.factory import make_blob_store
 from server.catalog import Catalog
 from server.context import ServiceContext
 from server.db import make_engine, make_session_factory, transaction
+from server.logging_setup import RequestLogMiddleware, configure_logging
+from server.metrics import MetricsMiddleware, exposition
 from server.models import ApiTokenRow
 from server.settings import Settings
 from server.trust.setup import RefreshThrottle, open_trust_repository
@@ -58,6 +60,7 @@ def _bootstrap_token(ctx: ServiceContext) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. ``settings`` default to the environment (``DIFFCAST_*``)."""
     settings = settings or Settings()
+    configure_logging()
     ctx = build_context(settings)
     _bootstrap_token(ctx)
     app = FastAPI(
@@ -68,9 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.context = ctx
     app.state.device_credentials = {}
     app.state.started = time.time()
+    app.state.blob_kinds = {}
     errors.install(app)
     for module in (models, devices, blobs, trust, tokens, releases):
         app.include_router(module.router)
+    dashboard.install(app)
+    # The last added runs first: the request id is set before anything is timed.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestLogMiddleware)
 
     @app.get("/healthz", tags=["health"])
     def health() -> dict[str, str]:
@@ -83,6 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with ctx.sessions() as session:
             session.execute(text("SELECT 1"))
         return {"status": "ready"}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics (all workers' when ``PROMETHEUS_MULTIPROC_DIR`` is set)."""
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
 
     return app
 

@@ -1,5 +1,8 @@
 """Immutable, content-addressed blobs: ``GET``/``HEAD`` with ``Range``, ``ETag`` and
-``Cache-Control: immutable``, streamed (never loaded whole), so any CDN can cache them."""
+``Cache-Control: immutable``, streamed (never loaded whole), so any CDN can cache them.
+
+Bytes served are counted by blob kind (``diffcast_blob_bytes_total``); a blob's kind is
+looked up once per worker (blobs are immutable, so it never changes)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,19 @@ import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from sqlalchemy import select
 
 from server.api.deps import Context
+from server.context import ServiceContext
 from server.errors import BadRequestError, NotFoundError
+from server.metrics import observe_blob_bytes
+from server.models import BlobRow
 
 router = APIRouter(tags=["blobs"])
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CACHE = "public, max-age=31536000, immutable"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+KIND_CACHE_ENTRIES = 4096
 
 
 def _range(header: str, size: int) -> tuple[int, int] | None:
@@ -31,6 +39,27 @@ def _range(header: str, size: int) -> tuple[int, int] | None:
     return (start, end)
 
 
+def _served(header: str, size: int) -> int:
+    """How many bytes a ``GET`` with this ``Range`` header answers with."""
+    span = _range(header, size)
+    if span is None:
+        return size
+    return max(span[1] - span[0], 0)
+
+
+def _count_bytes(request: Request, ctx: ServiceContext, sha256: str, nbytes: int) -> None:
+    kinds: dict[str, str] = request.app.state.blob_kinds
+    kind = kinds.get(sha256)
+    if kind is None:
+        with ctx.sessions() as session:
+            kind = session.scalar(select(BlobRow.kind).where(BlobRow.sha256 == sha256))
+        kind = kind or "unknown"
+        if len(kinds) >= KIND_CACHE_ENTRIES:
+            kinds.clear()
+        kinds[sha256] = kind
+    observe_blob_bytes(kind, nbytes)
+
+
 @router.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"])
 def get_blob(sha256: str, request: Request, ctx: Context) -> Response:
     if not SHA256.match(sha256):
@@ -40,7 +69,13 @@ def get_blob(sha256: str, request: Request, ctx: Context) -> Response:
         return Response(status_code=304, headers=headers)
     local = ctx.blobs.local_path(sha256)
     if local is not None:
-        return FileResponse(local, media_type="application/octet-stream", headers=headers)
+        stat = local.stat()
+        if request.method == "GET":
+            served = _served(request.headers.get("range", ""), stat.st_size)
+            _count_bytes(request, ctx, sha256, served)
+        return FileResponse(
+            local, media_type="application/octet-stream", headers=headers, stat_result=stat
+        )
     if not ctx.blobs.exists(sha256):
         raise NotFoundError(f"no blob {sha256}")
     size = ctx.blobs.size(sha256)
@@ -55,6 +90,7 @@ def get_blob(sha256: str, request: Request, ctx: Context) -> Response:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
+    _count_bytes(request, ctx, sha256, end - start)
     return StreamingResponse(
         ctx.blobs.iter_range(sha256, start, end),
         status_code=status,
