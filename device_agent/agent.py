@@ -216,6 +216,7 @@ class Agent:
             "from_digest": live.digest if live else None,
             "to_version": plan.target.version,
             "target_digest": plan.target.digest,
+            "release_id": plan.release_id,
             "started": time.time(),
             "phase": "planning",
         }
@@ -275,7 +276,7 @@ class Agent:
     ) -> None:
         if live is None or live.version is None or staged.version is None:
             return
-        if staged.version < live.version:
+        if staged.version < live.version and not staged.rollback:
             staged.path.unlink(missing_ok=True)
             raise DowngradeError(
                 f"version {staged.version} is older than the installed {live.version}; "
@@ -344,6 +345,7 @@ class Agent:
             bytes_downloaded=journal.get("bytes_downloaded", 0),
             seconds=round(time.time() - journal.get("started", time.time()), 3),
             steps=journal.get("steps", []),
+            release_id=journal.get("release_id"),
         )
         name = f"{time.time_ns():020d}-{journal.get('id', uuid.uuid4().hex)}.json"
         write_json(self.state.outbox / name, report.model_dump(mode="json"))

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from device_agent.agent import Agent
+from device_agent.agent import Agent, HealthCheck
 from device_agent.config import AgentConfig
 from device_agent.download import download
 from device_agent.provision import provision
@@ -84,6 +84,7 @@ def simulate(
     prefix: str = "sim",
     tags: Callable[[int], dict[str, str]] = lambda i: {"cohort": f"c{i % 4}"},
     on_progress: Callable[[int, int], None] | None = None,
+    health_check: Callable[[int], HealthCheck | None] = lambda i: None,
 ) -> FleetResult:
     """Provision one device per entry of ``start_versions`` and run them to convergence."""
     started = time.monotonic()
@@ -119,7 +120,8 @@ def simulate(
             model_name=model,
             initial_version=start,
         )
-        agents.append(Agent(AgentConfig(server_url=server, state_dir=state_dir, model=model)))
+        config = AgentConfig(server_url=server, state_dir=state_dir, model=model)
+        agents.append(Agent(config, health_check=health_check(index)))
         results.append(DeviceResult(device_id, start))
 
     def step(i: int) -> None:

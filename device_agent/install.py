@@ -44,6 +44,8 @@ class StagedModel:
     digest: str
     version: int | None
     steps: list[StepRecord] = field(default_factory=list)
+    rollback: bool = False
+    """The target is signed as an explicit rollback (it may be older than the live one)."""
 
     @property
     def bytes_downloaded(self) -> int:
@@ -84,11 +86,13 @@ def build(
     for step, facts in zip(option.steps, signed, strict=True):
         check_step(step, facts, config)
     version = signed[-1].custom.get("version")
+    signed_rollback = signed[-1].custom.get("rollback_release") is not None
     if (
         live is not None
         and isinstance(live.version, int)
         and isinstance(version, int)
         and version < live.version
+        and not signed_rollback
     ):
         # refused before a byte is downloaded: otherwise every poll would fetch it again
         raise DowngradeError(
@@ -165,5 +169,9 @@ def build(
     for path in files:
         path.unlink(missing_ok=True)
     return StagedModel(
-        staged, target_digest, version if isinstance(version, int) else None, records
+        staged,
+        target_digest,
+        version if isinstance(version, int) else None,
+        records,
+        rollback=signed_rollback,
     )

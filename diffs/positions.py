@@ -96,10 +96,11 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
     if len(buf) < params_end or unary_nbytes > len(buf) - params_end:
         raise DiffFormatError("position section truncated")
     params = np.frombuffer(buf, dtype=np.uint8, count=nblocks, offset=10)
-    pmax = int(params.max()) if nblocks else 0
+    # (One block -- most small entries -- needs no reductions: each costs microseconds.)
+    pmax = int(params[0]) if nblocks == 1 else int(params.max()) if nblocks else 0
     if pmax > MAX_RICE_PARAM:
         raise DiffFormatError("Rice parameter above 32")
-    uniform = nblocks > 0 and int(params.min()) == pmax
+    uniform = nblocks == 1 or (nblocks > 1 and int(params.min()) == pmax)
     # One byte per gap when the blocks' widths differ: k-sized temporaries are what cost.
     widths: npt.NDArray[np.uint8] | int = pmax if uniform else np.repeat(params, block)[:k]
     rem_bits = widths * k if isinstance(widths, int) else int(widths.sum(dtype=np.int64))
@@ -201,8 +202,7 @@ def _unpack_fields(
     """
     if k == 0 or (isinstance(widths, int) and widths == 0):
         return np.zeros(k, dtype=np.int64)
-    padded = np.zeros(len(stream) + 8, dtype=np.uint8)
-    padded[: len(stream)] = np.frombuffer(stream, dtype=np.uint8)
+    padded = np.frombuffer(bytes(stream) + bytes(8), dtype=np.uint8)
     windows: npt.NDArray[np.uint64] = np.ndarray(
         shape=(len(stream) + 1,), dtype="<u8", buffer=padded, strides=(1,)
     )

@@ -63,6 +63,8 @@ class UpdatePlan(WireModel):
     """Cheapest first; each later option is the fallback of the one before."""
     rollback: bool = False
     """True when the target is older than the device's version by an explicit release."""
+    release_id: int | None = None
+    """The release this plan belongs to (``None``: no release governs the device)."""
 
 
 Outcome = Literal["updated", "failed", "rolled_back", "current"]
@@ -89,3 +91,5 @@ class UpdateReport(WireModel):
     bytes_downloaded: int = 0
     seconds: float = 0.0
     steps: list[StepReport] = Field(default_factory=list, max_length=256)
+    release_id: int | None = None
+    """The release of the plan this report is about."""

@@ -47,3 +47,4 @@ class Operator:
 @dataclass(frozen=True)
 class DeviceIdentity:
     device_id: str
+    tags: dict[str, str]

@@ -28,6 +28,8 @@ class ServiceContext:
     tmp_dir: Path
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     composed_cache: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
+    signed_paths: set[str] = field(default_factory=set)
+    """Target paths this worker has signed on demand (rollback steps)."""
 
 
 def snapshot_path(model: str, sha256: str) -> str:

@@ -8,15 +8,18 @@ database, one transaction per action.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
+from server.db import transaction
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.models import AssignmentRow, ModelRow, ReleaseRow, VersionRow
-from server.rollout import ReleaseView, Selector, halt_reason, quality_gate
+from server.rollout import ReleaseView, Selector, halt_reason, may_start, quality_gate
+from server.targeting import GoverningRelease
 
 STATES = ("draft", "active", "paused", "halted", "completed")
 TRANSITIONS: dict[str, dict[str, str]] = {
@@ -164,6 +167,49 @@ def check_quality_gate(session: Session, row: ReleaseRow) -> None:
 def _cohort_wer(metrics: dict[str, Any]) -> dict[str, float]:
     raw = metrics.get("wer_by_cohort", {}) if isinstance(metrics, dict) else {}
     return {str(k): float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+
+def start_release(
+    sessions: sessionmaker[Session], governing: GoverningRelease, device_id: str
+) -> bool:
+    """Whether the device may (still) take the release now; records that it started.
+
+    A device that started before always may. A new one must be inside the release's
+    window and under its rate limit (devices started in the last minute).
+    """
+    release = governing.release
+    now = datetime.now(UTC)
+    try:
+        with transaction(sessions) as session:
+            started = session.scalar(
+                select(AssignmentRow.id).where(
+                    AssignmentRow.release_id == release.id, AssignmentRow.device_id == device_id
+                )
+            )
+            if started is not None:
+                return True
+            recent = session.scalar(
+                select(func.count()).where(
+                    AssignmentRow.release_id == release.id,
+                    AssignmentRow.assigned_at >= now - timedelta(minutes=1),
+                )
+            )
+            if governing.state == "active" and not may_start(
+                release, already_started=False, started_last_minute=recent or 0, now=now
+            ):
+                return False
+            session.add(
+                AssignmentRow(
+                    release_id=release.id,
+                    device_id=device_id,
+                    status="pending",
+                    assigned_at=now,
+                    updated_at=now,
+                )
+            )
+    except IntegrityError:
+        return True  # another request of the same device recorded it first
+    return True
 
 
 def record_outcome(

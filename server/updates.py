@@ -17,11 +17,10 @@ from sqlalchemy.exc import IntegrityError
 from diffs.container import write_diff
 from diffs.make import make_exact
 from diffs.model import ModelFile
-from diffs.wire import UpdatePlan, VersionRef
+from diffs.wire import PlanOption, UpdatePlan, VersionRef
 from server.catalog import ModelView
 from server.context import ServiceContext, blob_url, composed_path, diff_path, snapshot_path
 from server.db import transaction
-from server.errors import NotFoundError
 from server.models import BlobRow, ComposedDiffRow
 from server.planning import (
     BlobLink,
@@ -32,6 +31,7 @@ from server.planning import (
     full_option,
     order_options,
 )
+from server.rollout import ReleaseView
 from server.trust.repository import TargetSpec
 from server.uploads import file_sha256
 
@@ -41,14 +41,20 @@ def plan_etag(target_digest: str, device_digest: str | None) -> str:
     return '"' + hashlib.sha256(key).hexdigest()[:32] + '"'
 
 
-def plan_update(ctx: ServiceContext, model_name: str, device_digest: str | None) -> UpdatePlan:
-    view = ctx.catalog.model(model_name)
-    if view is None:
-        raise NotFoundError(f"no model named {model_name!r}")
-    target = view.latest
+def plan_update(
+    ctx: ServiceContext,
+    view: ModelView,
+    device_digest: str | None,
+    target: VersionNode | None,
+    release: ReleaseView | None = None,
+) -> UpdatePlan:
+    """The plan that takes a device running ``device_digest`` to ``target`` (``None``:
+    nothing to offer). Under a rollback release every step is signed as a rollback, the
+    only way a device accepts an older version."""
     current = view.by_digest.get(device_digest) if device_digest else None
     if target is None or device_digest == target.digest:
         return UpdatePlan(status="current", current=_ref(view, current))
+    rollback = release is not None and release.rollback
     links = {
         node.diff_sha256: BlobLink(
             blob_url(node.diff_sha256), diff_path(view.name, node.diff_sha256)
@@ -56,29 +62,56 @@ def plan_update(ctx: ServiceContext, model_name: str, device_digest: str | None)
         for node in view.versions.values()
         if node.diff_sha256
     }
-    options = [
-        full_option(
-            target,
-            BlobLink(
-                blob_url(target.snapshot_sha256), snapshot_path(view.name, target.snapshot_sha256)
-            ),
-        )
-    ]
+    snapshot = BlobLink(
+        blob_url(target.snapshot_sha256), snapshot_path(view.name, target.snapshot_sha256)
+    )
+    options = [full_option(target, snapshot)]
     if current is not None:
-        chain = chain_between(view.versions, current.id, target.id)
+        chain = None if rollback else chain_between(view.versions, current.id, target.id)
         if chain:
             options.append(chain_option(view.versions, chain, links))
         if chain is None or len(chain) > 1:
             sha, size = composed_blob(ctx, view, current, target)
             link = BlobLink(blob_url(sha), composed_path(view.name, sha))
             options.append(composed_option(current, target, sha, size, link))
+    ordered = order_options(options)
+    if rollback:
+        assert release is not None
+        ordered = [sign_rollback(ctx, view, option, target, release.id) for option in ordered]
     return UpdatePlan(
         status="update",
         target=_ref(view, target),
         current=_ref(view, current),
-        options=order_options(options),
-        rollback=current is not None and current.number > target.number,
+        options=ordered,
+        rollback=rollback,
+        release_id=release.id if release is not None else None,
     )
+
+
+def sign_rollback(
+    ctx: ServiceContext, view: ModelView, option: PlanOption, target: VersionNode, release_id: int
+) -> PlanOption:
+    """The option with each step re-signed under a rollback path of this release."""
+    steps = []
+    specs = []
+    for step in option.steps:
+        name = step.target_path.split("/", 1)[1]
+        path = f"{view.name}/rollback{release_id}-{name}"
+        custom = {
+            "kind": step.kind,
+            "digest": step.target_digest,
+            "version": target.number,
+            "rollback_release": release_id,
+        }
+        if step.source_digest is not None:
+            custom["source_digest"] = step.source_digest
+        specs.append(TargetSpec(path, step.size, step.sha256, custom))
+        steps.append(step.model_copy(update={"target_path": path}))
+    fresh = [spec for spec in specs if spec.path not in ctx.signed_paths]
+    if fresh:
+        ctx.trust.add_targets(view.name, fresh)
+        ctx.signed_paths.update(spec.path for spec in fresh)
+    return option.model_copy(update={"steps": steps})
 
 
 def _ref(view: ModelView, node: VersionNode | None) -> VersionRef | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from server.auth import DeviceIdentity, Operator, Scope, secret_hash
@@ -52,23 +53,32 @@ Publisher = Annotated[Operator, Depends(_require(Scope.PUBLISH))]
 Admin = Annotated[Operator, Depends(_require(Scope.ADMIN))]
 
 
-def current_device(request: Request, device_id: str, ctx: Context) -> DeviceIdentity:
+async def current_device(request: Request, device_id: str) -> DeviceIdentity:
     """The device whose credential this is; it must be the device named in the path.
 
-    Credentials are cached per worker, so a poll costs no database query.
+    Credentials are cached per worker, so a known device costs no database query; it
+    runs on the event loop (no thread hop), and only a cache miss queries in a thread.
     """
     hashed = secret_hash(_bearer(request))
-    cache: dict[str, str] = request.app.state.device_credentials
+    cache: dict[str, DeviceIdentity] = request.app.state.device_credentials
     owner = cache.get(hashed)
     if owner is None:
-        with ctx.sessions() as session:
-            owner = session.scalar(select(DeviceRow.id).where(DeviceRow.credential_hash == hashed))
+        ctx = get_context(request)
+
+        def lookup() -> DeviceIdentity | None:
+            with ctx.sessions() as session:
+                row = session.execute(
+                    select(DeviceRow.id, DeviceRow.tags).where(DeviceRow.credential_hash == hashed)
+                ).first()
+            return None if row is None else DeviceIdentity(row[0], dict(row[1] or {}))
+
+        owner = await run_in_threadpool(lookup)
         if owner is None:
             raise AuthenticationError("unknown device credential")
         cache[hashed] = owner
-    if owner != device_id:
+    if owner.device_id != device_id:
         raise PermissionDeniedError("a device may only act as itself")
-    return DeviceIdentity(owner)
+    return owner
 
 
 Device = Annotated[DeviceIdentity, Depends(current_device)]
