@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import shutil
 import time
 import uuid
@@ -97,11 +98,22 @@ class Agent:
         return bundle
 
     def _enroll(self) -> dict[str, str]:
+        """Enroll with an id and credential chosen (and saved) before asking, so that a
+        crash between the server's answer and saving it can be retried harmlessly."""
         bundle = self._bundle()
+        pending_file = self.state.root / "enrollment.json"
+        pending = read_json(pending_file)
+        if not isinstance(pending, dict):
+            pending = {
+                "device_id": bundle.get("device_id") or uuid.uuid4().hex,
+                "credential": "dev_" + secrets.token_urlsafe(32),
+            }
+            write_json(pending_file, pending)
         request = EnrollRequest(
             enrollment_secret=bundle["enrollment_secret"],
-            device_id=bundle.get("device_id"),
+            device_id=pending["device_id"],
             tags=bundle.get("tags", {}),
+            credential=pending["credential"],
         )
         response = self._request(
             "POST", "/v1/devices/enroll", json=request.model_dump(exclude_none=True)
@@ -113,6 +125,7 @@ class Agent:
         enrolled = EnrollResponse.model_validate_json(response.content)
         identity = {"device_id": enrolled.device_id, "credential": enrolled.credential}
         write_json(self.state.identity, identity)
+        pending_file.unlink(missing_ok=True)
         return identity
 
     def _auth(self) -> dict[str, str]:

@@ -22,6 +22,10 @@ class EnrollRequest(WireModel):
     enrollment_secret: str = Field(min_length=1, max_length=512)
     device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+    credential: str | None = Field(default=None, min_length=32, max_length=256)
+    """A secret the device chose itself (the server keeps only its hash). With it,
+    enrolling again after a lost answer is harmless: the same device id and credential
+    are accepted again instead of refused."""
 
 
 class EnrollResponse(WireModel):

@@ -36,13 +36,20 @@ def enroll(body: EnrollRequest, ctx: Context) -> EnrollResponse:
     if not expected or not hmac.compare_digest(body.enrollment_secret.encode(), expected.encode()):
         raise AuthenticationError("wrong enrollment secret")
     device_id = body.device_id or uuid.uuid4().hex
-    credential = new_secret("dev")
+    credential = body.credential or new_secret("dev")
     try:
         with transaction(ctx.sessions) as session:
             session.add(
                 DeviceRow(id=device_id, credential_hash=secret_hash(credential), tags=body.tags)
             )
     except IntegrityError:
+        if body.credential is not None:
+            with ctx.sessions() as session:
+                known = session.get(DeviceRow, device_id)
+            if known is not None and hmac.compare_digest(
+                known.credential_hash, secret_hash(credential)
+            ):
+                return EnrollResponse(device_id=device_id, credential=credential)  # a retry
         raise ConflictError(f"device {device_id!r} is already enrolled") from None
     return EnrollResponse(device_id=device_id, credential=credential)
 

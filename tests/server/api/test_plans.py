@@ -134,3 +134,18 @@ def test_retired_target_is_not_offered(published: TestClient, lineage: Lineage) 
     headers = enroll(published, "dev-i")
     plan = poll(published, "dev-i", headers, lineage.digests[1]).json()
     assert plan["target"]["version"] == 3
+
+
+def test_enrollment_with_a_device_chosen_credential_is_retry_safe(published: TestClient) -> None:
+    body = {
+        "enrollment_secret": ENROLL_SECRET,
+        "device_id": "dev-retry",
+        "credential": "dev_" + "x" * 40,
+    }
+    first = published.post("/v1/devices/enroll", json=body)
+    assert first.status_code == 201
+    again = published.post("/v1/devices/enroll", json=body)  # the first answer was lost
+    assert again.status_code == 201
+    assert again.json() == first.json()
+    stolen = published.post("/v1/devices/enroll", json={**body, "credential": "dev_" + "y" * 40})
+    assert stolen.status_code == 409
