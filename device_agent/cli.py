@@ -1,15 +1,17 @@
-"""``diffcast agent`` (provision, run) and ``diffcast fleet simulate``."""
+"""``diffcast agent`` (provision, run) and ``diffcast fleet`` (simulate, status)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
 import httpx
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -168,3 +170,76 @@ def fleet_simulate(
         report.write_text(json.dumps(result.to_json(), indent=2))
     if result.converged != len(result.devices):
         raise typer.Exit(1)
+
+
+def _fleet_tables(server: str, token: str) -> Group:
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=server, headers=headers, timeout=30.0) as client:
+        summary = client.get("/v1/fleet/summary")
+        releases = client.get("/v1/releases", params={"state": "active"})
+    for response in (summary, releases):
+        if response.status_code >= 400:
+            raise RuntimeError(
+                f"{response.request.url.path}: HTTP {response.status_code} {response.text[:200]}"
+            )
+    data = summary.json()
+    versions = Table("model", "version", "devices", "share", title="fleet versions")
+    for model in data["models"]:
+        for count in model["versions"]:
+            share = count["devices"] / model["devices"] if model["devices"] else 0.0
+            latest = " (latest)" if count["version"] == model["latest"] else ""
+            label = "unknown" if count["version"] is None else f"v{count['version']}{latest}"
+            versions.add_row(model["model"], label, str(count["devices"]), f"{share:.0%}")
+    active = Table(
+        "release",
+        "target",
+        "rollout",
+        "applied",
+        "failed",
+        "failures by reason",
+        title="active releases",
+    )
+    for r in releases.json():
+        progress = r["progress"] or {}
+        reasons = ", ".join(f"{k} {v}" for k, v in progress.get("failures_by_reason", {}).items())
+        active.add_row(
+            f"#{r['id']} {r['name']}",
+            f"{r['model']} v{r['version']}",
+            f"{r['percent']:g}%",
+            f"{progress.get('applied', 0)}/{progress.get('started', 0)}",
+            str(progress.get("failed", 0)),
+            reasons,
+        )
+    full = data["bytes_full_equivalent"]
+    saved = 1 - data["bytes_downloaded"] / full if full else 0.0
+    footer = (
+        f"{data['devices']} devices ({data['unreported']} not yet reported); downloaded "
+        f"{data['bytes_downloaded']:,} bytes vs {full:,} as full models ({saved:.1%} saved)"
+    )
+    return Group(versions, active, footer)
+
+
+@fleet_app.command("status")
+def fleet_status(
+    server: ServerUrl,
+    token: Annotated[
+        str, typer.Option("--token", envvar="DIFFCAST_TOKEN", help="API token (read)")
+    ],
+    watch: Annotated[
+        float | None, typer.Option(help="Refresh every N seconds until Ctrl-C")
+    ] = None,
+) -> None:
+    """The fleet's version distribution, active releases and bytes saved."""
+    try:
+        if watch is None:
+            out.print(_fleet_tables(server, token))
+            return
+        with Live(_fleet_tables(server, token), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(watch)
+                live.update(_fleet_tables(server, token))
+    except (httpx.HTTPError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass

@@ -289,3 +289,153 @@ def token_create(
     with _client(server, token) as client:
         row = _call(lambda: client.post("/v1/tokens", json={"name": name, "scopes": scope}))
     out.print(row["token"])
+
+
+release_app = typer.Typer(
+    help="Create and steer releases (operator, over REST).", no_args_is_help=True
+)
+
+
+def _release_row(table: Table, r: dict[str, Any]) -> None:
+    progress = r.get("progress") or {}
+    table.add_row(
+        str(r["id"]),
+        r["name"],
+        f"{r['model']} v{r['version']}" + (" (rollback)" if r["rollback"] else ""),
+        r["state"],
+        f"{r['percent']:g}%",
+        f"{progress.get('applied', 0)}/{progress.get('started', 0)}",
+        str(progress.get("failed", 0)),
+        r.get("halt_reason") or "",
+    )
+
+
+def _release_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("id", "name", "target", "state", "rollout", "applied/started", "failed", "note")
+    for row in rows:
+        _release_row(table, row)
+    return table
+
+
+@release_app.command("create")
+def release_create(
+    model: str,
+    version: int,
+    server: ServerUrl,
+    token: Token,
+    name: Annotated[str, typer.Option()] = "",
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Selector tag key=value (repeatable)")
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option(help="Explicit device id (repeatable)")
+    ] = None,
+    percent: Annotated[float, typer.Option(min=0, max=100, help="Rollout percentage")] = 100.0,
+    rate: Annotated[int | None, typer.Option(min=1, help="Devices starting per minute")] = None,
+    failure_threshold: Annotated[float, typer.Option(help="Halt above this failure ratio")] = 0.2,
+    min_attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts before halting may trigger")
+    ] = 5,
+    max_wer_regression: Annotated[
+        float | None, typer.Option(help="Quality gate per cohort")
+    ] = None,
+    activate: Annotated[bool, typer.Option(help="Activate at once")] = False,
+) -> None:
+    """Create a release of MODEL VERSION for the devices the selector picks."""
+    tags: dict[str, list[str]] = {}
+    for item in tag or []:
+        key, _, value = item.partition("=")
+        tags.setdefault(key, []).append(value)
+    body = {
+        "model": model,
+        "version": version,
+        "name": name,
+        "selector": {"tags": tags, "devices": device or []},
+        "percent": percent,
+        "rate_per_minute": rate,
+        "failure_threshold": failure_threshold,
+        "min_attempts": min_attempts,
+        "max_wer_regression": max_wer_regression,
+        "activate": activate,
+    }
+    with _client(server, token) as client:
+        row = _call(lambda: client.post("/v1/releases", json=body))
+    out.print(_release_table([row]))
+
+
+@release_app.command("rollback")
+def release_rollback(
+    model: str,
+    version: Annotated[int, typer.Option("--to", help="The earlier version to go back to")],
+    server: ServerUrl,
+    token: Token,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Selector tag key=value (repeatable)")
+    ] = None,
+) -> None:
+    """An explicit, signed rollback of MODEL to an earlier version (activated at once)."""
+    tags: dict[str, list[str]] = {}
+    for item in tag or []:
+        key, _, value = item.partition("=")
+        tags.setdefault(key, []).append(value)
+    body = {
+        "model": model,
+        "version": version,
+        "rollback": True,
+        "activate": True,
+        "selector": {"tags": tags},
+    }
+    with _client(server, token) as client:
+        row = _call(lambda: client.post("/v1/releases", json=body))
+    out.print(_release_table([row]))
+
+
+@release_app.command("list")
+def release_list(
+    server: ServerUrl,
+    token: Token,
+    model: Annotated[str | None, typer.Option()] = None,
+    state: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """List releases with their progress."""
+    params = {k: v for k, v in {"model": model, "state": state}.items() if v}
+    with _client(server, token) as client:
+        rows = _call(lambda: client.get("/v1/releases", params=params))
+    out.print(_release_table(rows))
+
+
+@release_app.command("show")
+def release_show(release_id: int, server: ServerUrl, token: Token) -> None:
+    """Show one release as JSON (with progress and failures by reason)."""
+    with _client(server, token) as client:
+        out.print_json(json.dumps(_call(lambda: client.get(f"/v1/releases/{release_id}"))))
+
+
+def _action(action: str) -> Callable[..., None]:
+    def command(
+        release_id: int,
+        server: ServerUrl,
+        token: Token,
+        reason: Annotated[str | None, typer.Option(help="Why (kept in the audit log)")] = None,
+    ) -> None:
+        body = {"reason": reason} if reason else None
+        with _client(server, token) as client:
+            row = _call(lambda: client.post(f"/v1/releases/{release_id}/{action}", json=body))
+        out.print(_release_table([row]))
+
+    command.__doc__ = f"{action.capitalize()} a release."
+    return command
+
+
+for _name in ("activate", "pause", "resume", "halt", "complete"):
+    release_app.command(_name)(_action(_name))
+
+
+@release_app.command("expand")
+def release_expand(release_id: int, percent: float, server: ServerUrl, token: Token) -> None:
+    """Raise a release's rollout percentage (it never shrinks)."""
+    with _client(server, token) as client:
+        row = _call(
+            lambda: client.post(f"/v1/releases/{release_id}/expand", json={"percent": percent})
+        )
+    out.print(_release_table([row]))
