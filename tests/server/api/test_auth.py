@@ -60,5 +60,12 @@ def test_device_credential_is_not_an_operator_token(client: TestClient) -> None:
         ("post", "/v1/models"),
         ("get", "/v1/devices"),
         ("get", "/v1/tokens"),
+        ("get", "/v1/releases"),
+        ("post", "/v1/releases"),
+        ("post", "/v1/releases/1/pause"),
+        ("get", "/v1/audit"),
+        ("get", "/v1/fleet/summary"),
+        ("get", "/v1/provisioning"),
+        ("post", "/v1/trust/root"),
     ]:
         assert client.request(method, path, headers=device, json={"name": "x"}).status_code == 401
