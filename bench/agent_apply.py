@@ -53,12 +53,9 @@ Run: ``.venv/bin/python bench/agent_apply.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
-import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -76,6 +73,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_info, model_shapes  # noqa: E402
+
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "agent_apply.json"
 DEFAULT_SIZES = (1_000_000, 10_000_000, 100_000_000)
 DEFAULT_DENSITIES = (1.0, 10.0)
@@ -87,8 +86,6 @@ QUICK_REPEATS = 1
 DEFAULT_ZSTD_LEVEL = 3
 BASE_STD = 0.05
 DELTA_STD = 1e-3
-LAYERS = 4
-VOCAB = 32
 SAMPLE_CHUNK = 1 << 22
 SAMPLE_INTERVAL_S = 0.0005
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -99,36 +96,6 @@ MIB = 1 << 20
 
 # --------------------------------------------------------------------------------------
 # The synthetic models
-
-
-def model_shapes(n_params: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a small speech encoder with exactly ``n_params`` elements.
-
-    ``LAYERS`` blocks of attention (in: 3d x d, out: d x d), feed-forward (4d x d, d x 4d)
-    and a norm (d), a CTC head (VOCAB x d); the front-end projection (rows x d) takes the
-    rest, and a final norm vector the last ``< d`` elements.
-    """
-    d = max(8, int(math.sqrt(n_params / (12 * LAYERS + 2))) // 8 * 8)
-    shapes: list[tuple[str, tuple[int, ...]]] = []
-    for layer in range(LAYERS):
-        prefix = f"encoder.layers.{layer}"
-        shapes += [
-            (f"{prefix}.attn.in_proj.weight", (3 * d, d)),
-            (f"{prefix}.attn.out_proj.weight", (d, d)),
-            (f"{prefix}.ff.in.weight", (4 * d, d)),
-            (f"{prefix}.ff.out.weight", (d, 4 * d)),
-            (f"{prefix}.norm.weight", (d,)),
-        ]
-    shapes.append(("ctc_head.weight", (VOCAB, d)))
-    used = sum(math.prod(s) for _, s in shapes)
-    if used > n_params:
-        raise ValueError(f"{n_params} parameters are too few for this model layout")
-    rest = n_params - used
-    if rest >= d:
-        shapes.append(("encoder.frontend.weight", (rest // d, d)))
-    if rest % d:
-        shapes.append(("encoder.final_norm.weight", (rest % d,)))
-    return shapes
 
 
 def size_label(n: int) -> str:
@@ -378,33 +345,6 @@ def run_child(mode: str, args: dict[str, Any], sample: bool) -> dict[str, Any]:
 # The machine
 
 
-def machine_info() -> dict[str, Any]:
-    import zstandard
-
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "page_size": os.sysconf("SC_PAGE_SIZE"),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "zstandard": zstandard.__version__,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg(),
-        "shared": "other engineers' tests run on the same machine; timings carry their noise",
-    }
-
-
 def library_info() -> dict[str, Any]:
     """Which ``diffs`` was measured: the commit, and a hash of the working tree's sources
     (the library may carry uncommitted changes)."""
@@ -510,7 +450,10 @@ def measure_row(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "agent_apply",
-        "machine": machine_info(),
+        "machine": {
+            **machine_info(),
+            "shared": "other engineers' tests run on the same machine; timings carry their noise",
+        },
         "library": library_info(),
         "config": {
             "sizes": list(args.sizes),

@@ -32,11 +32,9 @@ Run: ``.venv/bin/python bench/diff_codec.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -52,6 +50,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_info, model_shapes  # noqa: E402
+
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "diff_codec.json"
 DEFAULT_PARAMS = 10_000_000
 DEFAULT_DENSITIES = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -60,9 +63,7 @@ QUICK_DENSITIES = (5.0, 10.0)
 TARGET_ENTRIES_PER_S = 50e6
 BASE_STD = 0.05
 DELTA_STD = 1e-3
-LAYERS = 4
 FRONTEND_IN = 240  # 80 mel bins x 3 stacked frames
-VOCAB = 32
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 GENERIC_TOOLS = ("zstd", "bsdiff", "xdelta3")
 KEEP_HEAP_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
@@ -73,37 +74,6 @@ temporaries (which a virtual machine can make dear)."""
 
 # --------------------------------------------------------------------------------------
 # The synthetic models
-
-
-def model_shapes(n_params: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a small speech encoder with exactly ``n_params`` elements.
-
-    ``LAYERS`` blocks of attention (in: 3d x d, out: d x d), feed-forward (4d x d, d x 4d)
-    and a norm (d), a CTC head (VOCAB x d); the front-end projection (rows x d) takes the
-    rest, and a final norm vector the last ``< d`` elements.
-    """
-    per_layer = 12
-    d = max(8, int(math.sqrt(n_params / (per_layer * LAYERS + 2))) // 8 * 8)
-    shapes: list[tuple[str, tuple[int, ...]]] = []
-    for layer in range(LAYERS):
-        prefix = f"encoder.layers.{layer}"
-        shapes += [
-            (f"{prefix}.attn.in_proj.weight", (3 * d, d)),
-            (f"{prefix}.attn.out_proj.weight", (d, d)),
-            (f"{prefix}.ff.in.weight", (4 * d, d)),
-            (f"{prefix}.ff.out.weight", (d, 4 * d)),
-            (f"{prefix}.norm.weight", (d,)),
-        ]
-    shapes.append(("ctc_head.weight", (VOCAB, d)))
-    used = sum(math.prod(s) for _, s in shapes)
-    if used > n_params:
-        raise ValueError(f"--params {n_params} is too small for this model layout")
-    rest = n_params - used
-    if rest >= d:
-        shapes.append(("encoder.frontend.weight", (rest // d, d)))
-    if rest % d:
-        shapes.append(("encoder.final_norm.weight", (rest % d,)))
-    return shapes
 
 
 def make_base(shapes: Sequence[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, Any]:
@@ -521,33 +491,6 @@ def apply_child(phase: str, args: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------
 # The machine
-
-
-def machine_info() -> dict[str, Any]:
-    import zstandard
-
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "page_size": os.sysconf("SC_PAGE_SIZE"),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "zstandard": zstandard.__version__,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg(),
-    }
-    return info
 
 
 def filesystem_of(path: Path) -> str:
