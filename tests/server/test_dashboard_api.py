@@ -146,7 +146,8 @@ def test_timeline_puts_reports_in_their_hour(client: TestClient) -> None:
     client.post("/v1/models", json={"name": "asr"})
     enroll(client, "d1")
     now = datetime.now(UTC)
-    ages = {"updated": [0.2, 0.3, 5.5], "failed": [5.6, 30.0], "rolled_back": [23.5]}
+    # the window starts 23 to 24 hours ago (on an hour), so 22.5 h is always inside it
+    ages = {"updated": [0.2, 0.3, 5.5], "failed": [5.6, 30.0], "rolled_back": [22.5]}
     with client.app.state.context.sessions.begin() as session:
         for outcome, hours_ago in ages.items():
             for age in hours_ago:
