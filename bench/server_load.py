@@ -867,7 +867,7 @@ def measure_database(
                 "big_snapshot_bytes": fleet.big_size,
                 **{k: round(v, 2) for k, v in fleet.timings.items()},
             }
-            result["server"] = {"command": server.command, "workers": args.workers}
+            result["server"] = {"command": shown_command(server.command), "workers": args.workers}
             latest = lineage.digests[LINEAGE_VERSIONS - 1]
             current = poll_requests(fleet, [latest])
             # Other configurations, each its own server (this one idles meanwhile).
@@ -885,7 +885,7 @@ def measure_database(
                 for launcher in ("cli", "uvicorn"):
                     with serve(args.workers, launcher) as other:
                         launchers[launcher] = {
-                            "command": other.command,
+                            "command": shown_command(other.command),
                             **bench.repeated(
                                 other, current, args.connections, f"polls/s via {launcher}"
                             ),
@@ -965,6 +965,11 @@ def _version(command: list[str]) -> str:
     except OSError:
         return "absent"
     return (done.stdout or done.stderr).strip().splitlines()[0]
+
+
+def shown_command(command: list[str]) -> list[str]:
+    """The command as recorded in results: paths inside the repository made relative."""
+    return [os.path.relpath(part, ROOT) if part.startswith(str(ROOT)) else part for part in command]
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
