@@ -49,7 +49,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         assert result["server"]["workers"] >= 2
         for key in ("poll_closed", "poll_closed_304", "plan_closed", "plan_closed_mixed"):
             assert result[key]["best"] > 0 and result[key]["errors"] == 0, (kind, key)
-            assert result[key]["runs"][0]["requests"] > 0, (kind, key)  # a smoke run: no rate asserted
+            # A smoke run on a shared machine: no rate is asserted.
+            assert result[key]["runs"][0]["requests"] > 0, (kind, key)
         for key in ("poll_open", "poll_open_new_connection"):
             run = result[key]["runs"][0]
             assert run["errors"] == 0 and run["requests"] == run["offered_requests"], (kind, key)
