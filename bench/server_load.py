@@ -50,7 +50,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -73,6 +72,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_info as common_machine_info  # noqa: E402
 from diffs.container import diff_bytes  # noqa: E402
 from diffs.digest import model_digest  # noqa: E402
 from diffs.make import make_exact  # noqa: E402
@@ -973,16 +973,7 @@ def shown_command(command: list[str]) -> list[str]:
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    memory = None
-    with contextlib.suppress(OSError, ValueError):
-        meminfo = Path("/proc/meminfo").read_text().split()
-        memory = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024**2, 1)
+    """The shared machine description, plus the server stack's versions."""
     packages = (
         "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "sqlalchemy",
         "psycopg",
@@ -995,12 +986,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
             row = conn.execute("SHOW server_version").fetchone()
             pg_version = row[0] if row else None
     return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "memory_gib": memory,
-        "python": platform.python_version(),
+        **common_machine_info(),
         **{name: metadata.version(name) for name in packages},
         "sqlite": sqlite3.sqlite_version,
         "postgresql": pg_version,
@@ -1213,5 +1199,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: stops the server, drops the database
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     main()
