@@ -58,6 +58,23 @@ def run_agent(args: list[str], timeout: float = 120) -> subprocess.CompletedProc
     )
 
 
+def run_once(server_url: str, state: Path, model: str = "asr") -> subprocess.CompletedProcess[str]:
+    """One cycle of a real `diffcast agent run --once` process for the device at ``state``."""
+    return run_agent(
+        [
+            "agent",
+            "run",
+            "--once",
+            "--server",
+            server_url,
+            "--state-dir",
+            str(state),
+            "--model",
+            model,
+        ]
+    )
+
+
 def provision_device(
     published: Published, state: Path, device_id: str, version: int | None
 ) -> None:

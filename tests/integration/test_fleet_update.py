@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.integration.conftest import Published, provision_device, run_agent
+from tests.integration.conftest import Published, provision_device, run_once
 
 
 def test_devices_converge_to_the_published_digest(published: Published, tmp_path: Path) -> None:
@@ -17,19 +17,7 @@ def test_devices_converge_to_the_published_digest(published: Published, tmp_path
         device = f"dev-{start}"
         state = tmp_path / device
         provision_device(published, state, device, start)
-        result = run_agent(
-            [
-                "agent",
-                "run",
-                "--once",
-                "--server",
-                published.server.url,
-                "--state-dir",
-                str(state),
-                "--model",
-                "asr",
-            ]
-        )
+        result = run_once(published.server.url, state)
         assert result.returncode == 0, result.stdout + result.stderr
         current = json.loads((state / "current.json").read_text())
         assert current["digest"] == lineage.digests[5]
@@ -43,19 +31,7 @@ def test_devices_converge_to_the_published_digest(published: Published, tmp_path
             seen = client.get(f"/v1/devices/{device}").json()
         assert (seen["version"], seen["digest"]) == (5, lineage.digests[5])
         # a second cycle finds nothing to do
-        again = run_agent(
-            [
-                "agent",
-                "run",
-                "--once",
-                "--server",
-                published.server.url,
-                "--state-dir",
-                str(state),
-                "--model",
-                "asr",
-            ]
-        )
+        again = run_once(published.server.url, state)
         assert again.returncode == 0
         assert "current" in again.stdout
     assert downloaded[None] == ("full", full_bytes)

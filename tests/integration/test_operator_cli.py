@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import AGENT, Published, provision_device, run_agent
+from tests.integration.conftest import AGENT, Published, provision_device, run_once
 from tests.integration.live import ADMIN_TOKEN, live_server, server_env
 from tests.lineage import make_lineage
 
@@ -91,19 +91,7 @@ def test_operator_workflow_and_root_rotation(tmp_path: Path) -> None:
         diff2 = tmp_path / "d2.diff"
         diff2.write_bytes(lineage.diffs[1])
         assert cli(["version", "publish", "asr", str(diff2), "--parent", "1"], op).returncode == 0
-        result = run_agent(
-            [
-                "agent",
-                "run",
-                "--once",
-                "--server",
-                server.url,
-                "--state-dir",
-                str(state),
-                "--model",
-                "asr",
-            ]
-        )
+        result = run_once(server.url, state)
         assert result.returncode == 0, result.stdout + result.stderr
         assert json.loads((state / "current.json").read_text())["digest"] == lineage.digests[2]
         trusted_root = json.loads((state / "tuf" / "root.json").read_text())

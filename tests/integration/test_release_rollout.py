@@ -14,7 +14,7 @@ from device_agent.health import MaxAbsHealthCheck
 from diffs.container import diff_bytes
 from diffs.make import make_exact
 from diffs.model import Tensor, load_model
-from tests.integration.conftest import Published, provision_device, run_agent
+from tests.integration.conftest import Published, provision_device, run_once
 from tests.integration.live import ADMIN_TOKEN
 
 
@@ -81,19 +81,7 @@ def test_explicit_rollback_release(published: Published, tmp_path: Path) -> None
                 "selector": {"devices": ["rollback-dev"]},
             },
         ).json()["id"]
-    result = run_agent(
-        [
-            "agent",
-            "run",
-            "--once",
-            "--server",
-            published.server.url,
-            "--state-dir",
-            str(state),
-            "--model",
-            "asr",
-        ]
-    )
+    result = run_once(published.server.url, state)
     assert result.returncode == 0, result.stdout + result.stderr
     current = json.loads((state / "current.json").read_text())
     assert (current["version"], current["digest"]) == (3, lineage.digests[3])
