@@ -7,6 +7,8 @@ Its promises:
 - an update is journaled before each phase, so after a crash at any instant
   :meth:`Agent.recover` finds a valid model (old or new), cleans up, and reports what
   happened; partial downloads are resumed, not restarted;
+- a server that cannot be reached is replaced by the next of its replicas
+  (``fallback_urls``); a request that never left the device is sent again there;
 - a plan's options are tried in order, each at most once per cycle, so a broken
   network can never turn into a download loop; waits back off exponentially with
   jitter, and honour ``Retry-After``;
@@ -23,7 +25,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,7 @@ class Agent:
             transport=transport,
             follow_redirects=False,
         )
+        self._servers = list(dict.fromkeys([config.server_url, *config.fallback_urls]))
         self._etag: str | None = None
         self._identity: dict[str, str] | None = None
 
@@ -134,15 +137,35 @@ class Agent:
     # --- HTTP ---------------------------------------------------------------------
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._client.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServerError(f"cannot reach the server: {exc}") from exc
+        for tries_left in range(len(self._servers) - 1, -1, -1):
+            try:
+                response = self._client.request(method, url, **kwargs)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Never sent: safe to send again, whatever the method, to another replica.
+                self._fail_over(exc)
+                if not tries_left:
+                    raise ServerError(f"cannot reach the server: {exc}") from exc
+            except httpx.HTTPError as exc:
+                # Perhaps sent: not repeated now, but the next request goes elsewhere.
+                self._fail_over(exc)
+                raise ServerError(f"cannot reach the server: {exc}") from exc
         if response.status_code in (429, 502, 503, 504):
             raise ServerError(f"server busy: HTTP {response.status_code}", _retry_after(response))
         if response.status_code >= 500:
             raise ServerError(f"server error: HTTP {response.status_code}")
         return response
+
+    def _fail_over(self, error: Exception) -> None:
+        """Use the next replica (if any) from now on: polls, metadata and downloads."""
+        if len(self._servers) < 2:
+            return
+        index = self._servers.index(self.config.server_url)
+        following = self._servers[(index + 1) % len(self._servers)]
+        log.warning("%s unreachable (%s); now using %s", self.config.server_url, error, following)
+        self.config = replace(self.config, server_url=following)
+        self._client.base_url = httpx.URL(following)
+        self._etag = None
 
     # --- recovery -----------------------------------------------------------------
 

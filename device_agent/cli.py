@@ -31,6 +31,14 @@ ServerUrl = Annotated[
     str, typer.Option("--server", envvar="DIFFCAST_SERVER", help="Server base URL")
 ]
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", help="The device's state directory")]
+FallbackServers = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fallback-server",
+        help="Another replica of the server, used when the current one cannot be reached "
+        "(repeatable)",
+    ),
+]
 
 
 @agent_app.command("provision")
@@ -76,6 +84,7 @@ def run(
             "(or that is NaN/inf); it is never tried again",
         ),
     ] = None,
+    fallback_server: FallbackServers = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Enroll (first time), then poll, download, verify, apply and report."""
@@ -89,7 +98,13 @@ def run(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--health-check-max-abs") from None
     agent = Agent(
-        AgentConfig(server_url=server, state_dir=state_dir, model=model, poll_interval=interval),
+        AgentConfig(
+            server_url=server,
+            state_dir=state_dir,
+            model=model,
+            poll_interval=interval,
+            fallback_urls=tuple(fallback_server or ()),
+        ),
         health_check=health_check,
     )
     try:
@@ -121,6 +136,14 @@ def fleet_simulate(
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds before giving up")] = 300.0,
     report: Annotated[Path | None, typer.Option(help="Write the result as JSON")] = None,
+    fallback_server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fallback-server",
+            help="Another replica of the server (repeatable): devices are spread over all "
+            "replicas, each falling back to the others",
+        ),
+    ] = None,
 ) -> None:
     """Run N simulated devices (each its own credential and state) until all converge."""
     starts = [None if s.strip() in ("", "none") else int(s) for s in start_versions.split(",")]
@@ -143,6 +166,7 @@ def fleet_simulate(
                 concurrency=concurrency,
                 timeout=timeout,
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                fallback_servers=fallback_server or (),
             )
         except (httpx.HTTPError, RuntimeError) as exc:
             err.print(f"[red]error:[/red] {exc}")

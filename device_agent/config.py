@@ -12,6 +12,9 @@ class AgentConfig:
     server_url: str
     state_dir: Path
     model: str
+    fallback_urls: tuple[str, ...] = ()
+    """Other replicas of the same server (they share its database and blobs): when the
+    current one cannot be reached, the agent moves on to the next, in turn."""
     poll_interval: float = 30.0
     """Seconds between polls when nothing goes wrong."""
     jitter: float = 0.2

@@ -3,7 +3,8 @@
 Agents run in a thread pool, so hundreds fit on a small machine; each is the same
 :class:`~device_agent.agent.Agent` that ``diffcast agent run`` runs. Devices start at
 the versions given, installed from the published snapshots, and poll until every one
-runs the model's latest version (or the time runs out).
+runs the model's latest version (or the time runs out). Given several replicas of the
+server, the devices are spread over them in turn, each knowing the others as fallbacks.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def simulate(
     tags: Callable[[int], dict[str, str]] = lambda i: {"cohort": f"c{i % 4}"},
     on_progress: Callable[[int, int], None] | None = None,
     health_check: Callable[[int], HealthCheck | None] = lambda i: None,
+    fallback_servers: Sequence[str] = (),
 ) -> FleetResult:
     """Provision one device per entry of ``start_versions`` and run them to convergence."""
     started = time.monotonic()
@@ -106,6 +108,7 @@ def simulate(
                 length=info["snapshot_size"],
                 sha256=info["snapshot_sha256"],
             ).path
+    servers = list(dict.fromkeys([server, *fallback_servers]))
     results = []
     agents = []
     for index, start in enumerate(start_versions):
@@ -120,7 +123,13 @@ def simulate(
             model_name=model,
             initial_version=start,
         )
-        config = AgentConfig(server_url=server, state_dir=state_dir, model=model)
+        first = index % len(servers)
+        config = AgentConfig(
+            server_url=servers[first],
+            state_dir=state_dir,
+            model=model,
+            fallback_urls=tuple(servers[first + 1 :] + servers[:first]),
+        )
         agents.append(Agent(config, health_check=health_check(index)))
         results.append(DeviceResult(device_id, start))
 
