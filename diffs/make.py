@@ -14,7 +14,7 @@ the diff applied (computed exactly, by the same arithmetic a device uses), and a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +173,99 @@ def make_sparse(
     return _finish(base, target, diff, "sparse", budget_bytes, k, changed, names, options)
 
 
+def sparse_capacity(
+    base: Model,
+    names: Sequence[str],
+    budget_bytes: int,
+    value_format: ValueFormat = ValueFormat.F16,
+    options: EncodeOptions = DEFAULT_OPTIONS,
+) -> int:
+    """How many sparse entries over ``names`` fit ``budget_bytes``, for planning.
+
+    Sized by encoding trial diffs -- entries spread over the tensors in proportion to
+    their sizes at random positions, with incompressible values -- so a trainer can prune
+    toward it; :func:`make_sparse` then fits the real entries exactly.
+    """
+    sizes = [base[n].array.size for n in names]
+    total = sum(sizes)
+    rng = np.random.default_rng(0)
+    scale = 1e-3
+
+    def encoded(k: int) -> int:
+        entries: list[Entry] = []
+        for name, n in zip(names, sizes, strict=True):
+            kt = min(n, round(k * n / total))
+            if kt:
+                positions = np.sort(rng.choice(n, kt, replace=False)).astype(np.int64)
+                values = Values.quantize(rng.standard_normal(kt) * scale, value_format)
+                tensor = base[name]
+                entries.append(SparseEntry(name, tensor.dtype, tensor.shape, positions, values))
+        return len(diff_bytes(Diff(_ZERO, _ZERO, entries), options))
+
+    lo, hi = 0, total
+    while hi - lo > max(1, lo // 200):
+        mid = (lo + hi + 1) // 2
+        if encoded(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def hashed_layout(
+    base: Model,
+    names: Sequence[str],
+    budget_bytes: int,
+    value_format: ValueFormat = ValueFormat.F16,
+    seed: int = 0,
+    options: EncodeOptions = DEFAULT_OPTIONS,
+) -> dict[str, int]:
+    """Buckets per tensor (shares of size) such that a hashed diff of ``names`` fits.
+
+    Sized with incompressible values, so trained bucket values of the same format fit.
+    """
+    sizes = np.array([base[n].array.size for n in names], dtype=np.float64)
+    value_bytes = value_format.bits_per_value / 8
+    available = budget_bytes - 64 - ENTRY_OVERHEAD_BYTES * len(names)
+    total = max(int(available / value_bytes), len(names))
+    rng = np.random.default_rng(0)
+
+    def layout(total: int) -> dict[str, int]:
+        shares = np.maximum(1, np.floor(sizes / max(sizes.sum(), 1) * total)).astype(np.int64)
+        return {
+            name: int(min(share, base[name].array.size))
+            for name, share in zip(names, shares, strict=True)
+        }
+
+    def encoded(counts: dict[str, int]) -> int:
+        entries: list[Entry] = [
+            HashedEntry(
+                name,
+                base[name].dtype,
+                base[name].shape,
+                seed,
+                Values.quantize(rng.standard_normal(count) * 1e-3, value_format),
+            )
+            for name, count in counts.items()
+        ]
+        return len(diff_bytes(Diff(_ZERO, _ZERO, entries), options))
+
+    counts = layout(total)
+    size = encoded(counts)
+    while size > budget_bytes and total > len(names):
+        total = max(len(names), int(total * min(0.98, budget_bytes / size)))
+        counts = layout(total)
+        size = encoded(counts)
+    return counts
+
+
+def diff_from_entries(base: Model, entries: Sequence[Entry], info: Mapping[str, Any]) -> Diff:
+    """A diff of ``entries`` against ``base``; its target digest is computed by applying it."""
+    base_digest = model_digest(base)
+    result = _apply_unchecked(base, Diff(base_digest, _ZERO, list(entries)))
+    return Diff(base_digest, model_digest(result), list(entries), dict(info))
+
+
 def make_hashed(
     base: Model,
     target: Model,
@@ -265,10 +358,8 @@ def _finish(
     names: list[str],
     options: EncodeOptions,
 ) -> tuple[Diff, ApproxReport]:
-    base_digest = model_digest(base)
-    provisional = Diff(base_digest, _ZERO, draft.entries)
-    result = _apply_unchecked(base, provisional)
-    diff = Diff(base_digest, model_digest(result), draft.entries, dict(draft.info))
+    diff = diff_from_entries(base, draft.entries, draft.info)
+    result = _apply_unchecked(base, diff)
     num = den = 0.0
     worst = 0.0
     for name in names:
