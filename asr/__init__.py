@@ -11,7 +11,8 @@ Every failure the package reports is a subclass of :class:`ASRError`::
     ASRError
     ├── SynthesisError     espeak-ng is missing, failed, or returned no usable audio
     ├── CorpusError        a corpus cache is missing, incomplete or inconsistent
-    └── CheckpointError    a model checkpoint or its JSON config is missing or malformed
+    ├── CheckpointError    a model checkpoint or its JSON config is missing or malformed
+    └── TrainingError      a training request is inconsistent (budget, schedule, data)
 
 ``asr`` may import ``diffs``; nothing in ``diffs`` imports ``asr``.
 """
@@ -35,4 +36,8 @@ class CheckpointError(ASRError):
     """A model checkpoint or its JSON config is missing, malformed or inconsistent."""
 
 
-__all__ = ["ASRError", "CheckpointError", "CorpusError", "SynthesisError"]
+class TrainingError(ASRError):
+    """A training request is inconsistent: budget, schedule or data."""
+
+
+__all__ = ["ASRError", "CheckpointError", "CorpusError", "SynthesisError", "TrainingError"]

@@ -49,8 +49,8 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 1
-    steps: int = 8_000
-    batch_seconds: float = 120.0
+    steps: int = 6_000
+    batch_seconds: float = 60.0
     """Padded audio per batch, in seconds."""
     peak_lr: float = 3e-3
     warmup_steps: int = 500
@@ -231,8 +231,13 @@ class Trainer:
         config: TrainConfig,
         log: Log = print,
         parameters: Sequence[torch.nn.Parameter] | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
+        """``penalty()`` is added to the loss (e.g. EWC); ``after_step(step)`` runs after
+        each optimizer step (e.g. pruning)."""
         self.model, self.data, self.config, self.log = model, data, config, log
+        self.penalty, self.after_step = penalty, after_step
         self.dev = list(dev)[: config.eval_utterances]
         params = list(parameters) if parameters is not None else list(model.parameters())
         decay = [p for p in params if p.ndim >= 2]
@@ -280,12 +285,15 @@ class Trainer:
             reduction="sum",
             zero_infinity=True,
         ) / max(1, int(target_lengths.sum()))
+        total = loss + self.penalty() if self.penalty is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        total.backward()  # type: ignore[no-untyped-call]
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         self.optimizer.step()
         self.step += 1
+        if self.after_step is not None:
+            self.after_step(self.step)
         return float(loss.detach())
 
     def evaluate(self) -> tuple[float, float]:
