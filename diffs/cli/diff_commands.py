@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -272,3 +273,16 @@ def verify(
                 out.print(f"{escape(str(path))}: reaches {reader.target_digest} [green]ok[/green]")
 
     _run(action)
+
+
+def _mount_extensions() -> None:
+    """Commands that other packages add to ``diffcast diff`` (``train``, from ``asr``).
+
+    They register under the ``diffcast.diff_commands`` entry-point group, so this module
+    never imports them by name.
+    """
+    for ep in sorted(entry_points(group="diffcast.diff_commands"), key=lambda e: e.name):
+        app.command(ep.name)(ep.load())
+
+
+_mount_extensions()
