@@ -30,7 +30,7 @@ check: $(STAMP)  ## ruff (lint + format) and mypy
 	$(BIN)/mypy
 
 test: $(STAMP) system-deps  ## The default test suite (a few minutes on 2 cores)
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow and not docker" -q
 
 test-slow: $(STAMP)  ## Long fuzzing and stress tests
 	$(BIN)/pytest -m slow -q
@@ -53,6 +53,10 @@ bench-server: $(STAMP)  ## Server load (polls, plans, blobs) on SQLite and Postg
 .PHONY: bench-agent
 bench-agent: $(STAMP)  ## Device apply time and peak RSS (anon vs file) for 1M/10M/100M models, 1%/10% diffs, 5-step chains
 	$(BIN)/python bench/agent_apply.py
+
+.PHONY: docker-test
+docker-test: $(STAMP)  ## PostgreSQL + S3 + two server replicas + a device fleet in Docker, end to end (needs root)
+	scripts/docker-test
 
 .PHONY: asr-deps train-base
 asr-deps:  ## Install espeak-ng, the synthesizer of the ASR corpus (Debian; needs root)
