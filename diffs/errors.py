@@ -9,6 +9,7 @@ third-party exception::
     ├── DiffFormatError           a diff file is malformed, truncated or inconsistent
     │   └── LimitExceededError    a declared size passes a decoding cap (checked before allocating)
     ├── IncompatibleModelError    a diff entry does not fit the model (missing tensor, dtype, shape)
+    ├── CanaryFormatError         a canary bundle is malformed, inconsistent or over a cap
     └── DigestMismatchError       a model's canonical digest is not the expected one
         ├── BaseMismatchError     the model a diff is applied to is not the diff's base
         └── TargetMismatchError   the result of applying a diff is not the declared target
@@ -35,6 +36,10 @@ class LimitExceededError(DiffFormatError):
 
 class IncompatibleModelError(DiffError):
     """A diff entry names a tensor the model lacks, or whose dtype or shape differs."""
+
+
+class CanaryFormatError(DiffError):
+    """A canary bundle (:mod:`diffs.canary`) is malformed, inconsistent or over a cap."""
 
 
 class DigestMismatchError(DiffError):
