@@ -310,6 +310,64 @@ def evaluate(
     _run(action)
 
 
+@app.command("canary")
+def canary(
+    out_path: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="Bundle to write.")],
+    max_wer: Annotated[
+        float, typer.Option(min=0.0, help="Refuse a model whose WER on the clips is above this.")
+    ],
+    split: Annotated[str, typer.Option(help="Corpus split the clips come from.")] = "base/test",
+    count: Annotated[int, typer.Option(min=1, help="Number of clips (the split's first N).")] = 8,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A checkpoint of the model family the canary is for (its JSON config is "
+            "read); default: the reference model's configuration.",
+        ),
+    ] = None,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    seed: Seed = CorpusConfig.seed,
+    workers: Workers = 2,
+) -> None:
+    """Write a canary bundle: corpus clips, their transcripts and a WER bound, for a
+    release (`diffcast release canary`); devices refuse a model that does worse."""
+    from asr.canary import build_canary, corpus_clips
+    from asr.model import ModelConfig, read_config
+    from diffs.errors import CanaryFormatError
+
+    config = _corpus_config(seed)
+    # Utterance i does not depend on the split sizes: synthesize only the clips taken.
+    config = replace(
+        config,
+        dev_size=min(count, config.dev_size),
+        test_size=min(count, config.test_size),
+        train_size=min(count, config.train_size),
+        update_train_size=min(count, config.update_train_size),
+        update_test_size=min(count, config.update_test_size),
+    )
+
+    def action() -> None:
+        model_config = read_config(checkpoint) if checkpoint is not None else ModelConfig()
+        store = CorpusStore.open(cache_dir, config)
+        if store.missing_shards(split):
+            with _progress("synthesizing") as update:
+                generate(store, [split], workers=workers, on_progress=update)
+        try:
+            bundle = build_canary(
+                out_path, corpus_clips(store, split, count), max_wer, model_config
+            )
+        except CanaryFormatError as exc:
+            raise ASRError(str(exc)) from None
+        out.print(
+            f"{out_path}: {len(bundle.clips)} clips of {split} ({bundle.seconds:.1f} s, "
+            f"{bundle.words} words), WER bound {bundle.max_wer:g}"
+        )
+
+    _run(action)
+
+
 @app.command("updates")
 def list_updates() -> None:
     """List the update sets and their new words."""

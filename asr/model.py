@@ -222,7 +222,12 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> CTCModel:
     """The model in ``path`` (safetensors, with its JSON config beside it), in eval mode."""
-    model = CTCModel(read_config(path))
+    return load_weights(path, read_config(path))
+
+
+def load_weights(path: str | os.PathLike[str], config: ModelConfig) -> CTCModel:
+    """The model of ``config`` with the weights in ``path`` (safetensors), in eval mode."""
+    model = CTCModel(config)
     try:
         state = to_state_dict(load_model(path))
     except (DiffError, OSError) as exc:
