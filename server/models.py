@@ -182,6 +182,13 @@ class ReleaseRow(Base):
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    canary_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), nullable=True)
+    """The canary bundle devices decode before switching (:mod:`diffs.canary`), if any."""
+    canary_max_wer: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The bundle's WER bound (a copy of what the signed bundle holds)."""
+    canary_clips: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    canary: Mapped[BlobRow | None] = relationship(foreign_keys=[canary_sha256])
 
 
 class AssignmentRow(Base):
