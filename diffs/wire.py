@@ -59,6 +59,21 @@ class PlanOption(WireModel):
     steps: list[PlanStep]
 
 
+class CanaryRef(WireModel):
+    """The release's canary bundle (:mod:`diffs.canary`): the device decodes its clips with
+    the staged model and refuses the model if the WER is above the bound."""
+
+    url: str
+    target_path: str
+    """The TUF target path that signs the bundle's length and hashes (and the model
+    digest it is for)."""
+    sha256: str
+    size: int
+    max_wer: float
+    """The bound the bundle holds (the device enforces the one in the signed bytes)."""
+    clips: int
+
+
 class UpdatePlan(WireModel):
     status: Literal["update", "current"]
     target: VersionRef | None = None
@@ -69,6 +84,10 @@ class UpdatePlan(WireModel):
     """True when the target is older than the device's version by an explicit release."""
     release_id: int | None = None
     """The release this plan belongs to (``None``: no release governs the device)."""
+    canary: CanaryRef | None = None
+    """The release's canary check, sent only to agents that ask for it (``canary=true``)
+    and left out of the JSON when there is none, so older agents, whose schema forbids
+    unknown fields, read every plan they are sent."""
 
 
 Outcome = Literal["updated", "failed", "rolled_back", "current"]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from server.models import BlobRow, ModelRow, ReleaseRow, VersionRow
 from server.planning import VersionNode
@@ -35,7 +35,8 @@ class PlanAnswer:
     """The kind of the plan's first (cheapest) option; ``None`` when there is none."""
 
 
-AnswerKey = tuple[str | None, int | None, int | None]
+AnswerKey = tuple[str | None, int | None, int | None, bool]
+"""(device digest, target version id, release id, whether the agent runs canary checks)."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class ModelView:
     releases: tuple[GoverningRelease, ...] | None = None
     """The model's active, paused and completed releases; ``None`` if it never had one."""
     answers: dict[AnswerKey, PlanAnswer] = field(default_factory=dict, compare=False, repr=False)
-    """Poll answers by (device digest, target version id, release id), for the digests of
-    this model's versions (and none)."""
+    """Poll answers by :data:`AnswerKey`, for the digests of this model's versions (and
+    none)."""
 
 
 @dataclass
@@ -107,7 +108,11 @@ class Catalog:
                 .order_by(VersionRow.number)
             ).all()
             release_rows = list(
-                session.scalars(select(ReleaseRow).where(ReleaseRow.model_id == model.id))
+                session.scalars(
+                    select(ReleaseRow)
+                    .where(ReleaseRow.model_id == model.id)
+                    .options(selectinload(ReleaseRow.canary))
+                )
             )
             wanted = [r.diff_sha256 for r, _ in rows if r.diff_sha256]
             diff_sizes = {

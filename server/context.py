@@ -45,5 +45,11 @@ def composed_path(model: str, sha256: str) -> str:
     return f"{model}/composed-{sha256}.diff"
 
 
+def canary_path(model: str, release_id: int, sha256: str) -> str:
+    """A release's canary bundle: signed per release (with the digest it checks), so one
+    bundle attached to two releases is two targets."""
+    return f"{model}/canary{release_id}-{sha256}.safetensors"
+
+
 def blob_url(sha256: str) -> str:
     return f"/v1/blobs/{sha256}"

@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.db import transaction
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.models import AssignmentRow, ModelRow, ReleaseRow, VersionRow
-from server.rollout import ReleaseView, Selector, halt_reason, may_start, quality_gate
+from server.rollout import (
+    ReleaseCanary,
+    ReleaseView,
+    Selector,
+    halt_reason,
+    may_start,
+    quality_gate,
+)
 from server.targeting import GoverningRelease
 
 STATES = ("draft", "active", "paused", "halted", "completed")
@@ -48,6 +55,11 @@ class ReleaseSpec:
 
 
 def view_of(row: ReleaseRow) -> ReleaseView:
+    """The release as the rules see it (loads ``row.canary``, the bundle's blob row)."""
+    canary = None
+    blob, max_wer, clips = row.canary, row.canary_max_wer, row.canary_clips
+    if blob is not None and max_wer is not None and clips is not None:
+        canary = ReleaseCanary(blob.sha256, blob.size, max_wer, clips)
     return ReleaseView(
         id=row.id,
         version_id=row.version_id,
@@ -57,6 +69,7 @@ def view_of(row: ReleaseRow) -> ReleaseView:
         window_start=_aware(row.window_start),
         window_end=_aware(row.window_end),
         rollback=row.rollback,
+        canary=canary,
     )
 
 

@@ -52,8 +52,18 @@ class Selector:
 
 
 @dataclass(frozen=True)
+class ReleaseCanary:
+    """A release's canary bundle, as plans name it."""
+
+    sha256: str
+    size: int
+    max_wer: float
+    clips: int
+
+
+@dataclass(frozen=True)
 class ReleaseView:
-    """What the rollout rules need to know of a release."""
+    """What the rollout rules (and the plans) need to know of a release."""
 
     id: int
     version_id: int
@@ -63,6 +73,7 @@ class ReleaseView:
     window_start: datetime | None = None
     window_end: datetime | None = None
     rollback: bool = False
+    canary: ReleaseCanary | None = None
 
 
 def bucket(release_id: int, device_id: str) -> float:

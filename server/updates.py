@@ -17,9 +17,16 @@ from sqlalchemy.exc import IntegrityError
 from diffs.container import write_diff
 from diffs.make import make_exact
 from diffs.model import ModelFile
-from diffs.wire import PlanOption, UpdatePlan, VersionRef
+from diffs.wire import CanaryRef, PlanOption, UpdatePlan, VersionRef
 from server.catalog import ModelView
-from server.context import ServiceContext, blob_url, composed_path, diff_path, snapshot_path
+from server.context import (
+    ServiceContext,
+    blob_url,
+    canary_path,
+    composed_path,
+    diff_path,
+    snapshot_path,
+)
 from server.db import transaction
 from server.models import BlobRow, ComposedDiffRow
 from server.planning import (
@@ -47,10 +54,13 @@ def plan_update(
     device_digest: str | None,
     target: VersionNode | None,
     release: ReleaseView | None = None,
+    *,
+    canary: bool = False,
 ) -> UpdatePlan:
     """The plan that takes a device running ``device_digest`` to ``target`` (``None``:
     nothing to offer). Under a rollback release every step is signed as a rollback, the
-    only way a device accepts an older version."""
+    only way a device accepts an older version. With ``canary`` (the agent runs canary
+    checks) the plan names the release's canary bundle, if it has one."""
     current = view.by_digest.get(device_digest) if device_digest else None
     if target is None or device_digest == target.digest:
         return UpdatePlan(status="current", current=_ref(view, current))
@@ -85,6 +95,21 @@ def plan_update(
         options=ordered,
         rollback=rollback,
         release_id=release.id if release is not None else None,
+        canary=_canary(view, release) if canary else None,
+    )
+
+
+def _canary(view: ModelView, release: ReleaseView | None) -> CanaryRef | None:
+    if release is None or release.canary is None:
+        return None
+    bundle = release.canary
+    return CanaryRef(
+        url=blob_url(bundle.sha256),
+        target_path=canary_path(view.name, release.id, bundle.sha256),
+        sha256=bundle.sha256,
+        size=bundle.size,
+        max_wer=bundle.max_wer,
+        clips=bundle.clips,
     )
 
 

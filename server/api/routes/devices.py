@@ -65,6 +65,9 @@ async def poll(
     device: Device,
     model: Annotated[str, Query(max_length=128)],
     digest: Annotated[str | None, Query(pattern=r"^sha256:[0-9a-f]{64}$")] = None,
+    canary: Annotated[
+        bool, Query(description="the agent runs canary checks: name the release's canary")
+    ] = False,
 ) -> Response:
     """The device's update plan for ``model``, given the digest it runs.
 
@@ -73,7 +76,8 @@ async def poll(
     bytes) are computed once per view and per (target, release). Which version a device
     is offered follows the release rules (:mod:`server.targeting`). Starting a release
     (rate limit, window, progress record) and building a new answer (which may build a
-    composed diff) happen in a thread.
+    composed diff) happen in a thread. Only an agent that says it runs canary checks
+    (``canary=true``) is sent the release's canary; older agents get the plan without it.
     """
     ctx = get_context(request)
     view = ctx.catalog.cached(model)
@@ -93,7 +97,7 @@ async def poll(
             target = None  # held back by the rate limit or the window: ask again later
             headers["Retry-After"] = "60"
     release_id = governing.release.id if governing is not None and target is not None else None
-    key = (digest, target.id if target is not None else None, release_id)
+    key = (digest, target.id if target is not None else None, release_id, canary)
     answer = view.answers.get(key)
     if answer is None:
         answer = await run_in_threadpool(_plan_answer, ctx, view, digest, target, governing, key)
@@ -121,12 +125,19 @@ def _plan_answer(
 ) -> PlanAnswer:
     """The serialized plan; memoized in the view for a digest it publishes (or none)."""
     plan = plan_update(
-        ctx, view, digest, target, governing.release if governing and target else None
+        ctx,
+        view,
+        digest,
+        target,
+        governing.release if governing and target else None,
+        canary=key[3],
     )
     shown = plan.target.digest if plan.target else (plan.current.digest if plan.current else "")
+    bundle = f"|{plan.canary.sha256}" if plan.canary is not None else ""
     answer = PlanAnswer(
-        etag=plan_etag(f"{shown}|{key[2]}", digest),
-        body=plan.model_dump_json().encode(),
+        etag=plan_etag(f"{shown}|{key[2]}{bundle}", digest),
+        # no "canary" key at all without one: older agents forbid unknown fields
+        body=plan.model_dump_json(exclude={"canary"} if plan.canary is None else None).encode(),
         status=plan.status,
         cheapest=plan.options[0].kind if plan.options else None,
     )
