@@ -431,6 +431,39 @@ for _name in ("activate", "pause", "resume", "halt", "complete"):
     release_app.command(_name)(_action(_name))
 
 
+@release_app.command("canary")
+def release_canary(
+    release_id: int,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="A canary bundle (diffcast asr canary makes one)"
+        ),
+    ],
+    server: ServerUrl,
+    token: Token,
+) -> None:
+    """Attach a canary bundle to a release: devices decode its clips with the new model
+    before switching, and refuse the model if its WER is above the bundle's bound."""
+    size = file.stat().st_size
+
+    def send() -> httpx.Response:
+        with open(file, "rb") as body, _client(server, token) as client:
+            return client.put(
+                f"/v1/releases/{release_id}/canary",
+                content=body,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+
+    with err.status(f"uploading {file.name} ({size:,} bytes)"):
+        row = _call(send)
+    canary = row["canary"]
+    out.print(
+        f"release {row['id']} ({row['model']} v{row['version']}): canary {canary['sha256'][:12]} "
+        f"with {canary['clips']} clips, WER bound {canary['max_wer']:g}"
+    )
+
+
 @release_app.command("expand")
 def release_expand(release_id: int, percent: float, server: ServerUrl, token: Token) -> None:
     """Raise a release's rollout percentage (it never shrinks)."""

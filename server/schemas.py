@@ -128,6 +128,16 @@ class ReleaseProgress(BaseModel):
     bytes_full_equivalent: int
 
 
+class CanaryPublic(BaseModel):
+    """A release's canary bundle: devices decode its clips before switching models."""
+
+    sha256: str
+    size: int
+    max_wer: float
+    clips: int
+    target_path: str
+
+
 class ReleasePublic(BaseModel):
     id: int
     model: str
@@ -148,6 +158,7 @@ class ReleasePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     progress: ReleaseProgress | None = None
+    canary: CanaryPublic | None = None
 
 
 class AuditPublic(BaseModel):

@@ -1,23 +1,26 @@
 """Releases: create, list, show (with progress), activate, pause, resume, halt,
-complete, expand; and the read-only audit log."""
+complete, expand; attach or remove a canary bundle; and the read-only audit log."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server import releases
+from server import canaries, releases
 from server.api.deps import Context, Publisher, Reader
 from server.audit import record
+from server.context import ServiceContext, canary_path
 from server.db import transaction
 from server.errors import NotFoundError
 from server.models import AssignmentRow, AuditRow, BlobRow, ModelRow, ReleaseRow, VersionRow
 from server.releases import ReleaseSpec
 from server.schemas import (
     AuditPublic,
+    CanaryPublic,
     ReleaseAction,
     ReleaseCreate,
     ReleaseExpand,
@@ -25,6 +28,7 @@ from server.schemas import (
     ReleasePublic,
     SelectorSchema,
 )
+from server.uploads import receive
 
 router = APIRouter(tags=["releases"])
 
@@ -52,6 +56,15 @@ def _public(session: Session, row: ReleaseRow, with_progress: bool = False) -> R
             bytes_downloaded=int(downloaded or 0),
             bytes_full_equivalent=finished * (snapshot.size if snapshot else 0),
         )
+    canary = None
+    if row.canary is not None and row.canary_max_wer is not None and row.canary_clips is not None:
+        canary = CanaryPublic(
+            sha256=row.canary.sha256,
+            size=row.canary.size,
+            max_wer=row.canary_max_wer,
+            clips=row.canary_clips,
+            target_path=canary_path(model.name, row.id, row.canary.sha256),
+        )
     return ReleasePublic(
         id=row.id,
         model=model.name,
@@ -72,6 +85,7 @@ def _public(session: Session, row: ReleaseRow, with_progress: bool = False) -> R
         created_at=row.created_at,
         updated_at=row.updated_at,
         progress=progress,
+        canary=canary,
     )
 
 
@@ -177,6 +191,66 @@ def expand_release(
         public = _public(session, row, with_progress=True)
     ctx.catalog.invalidate(public.model)
     return public
+
+
+@router.put(
+    "/v1/releases/{release_id}/canary",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def attach_canary(
+    release_id: int, request: Request, ctx: Context, operator: Publisher
+) -> ReleasePublic:
+    """Attach a canary bundle (the body, :mod:`diffs.canary`) to the release, replacing
+    any other; it is validated completely before anything is stored."""
+    upload = await receive(
+        request.stream(),
+        ctx.tmp_dir,
+        min(ctx.settings.max_upload_bytes, canaries.MAX_BUNDLE_BYTES),
+        request.headers.get("content-length"),
+    )
+
+    def audit(session: Session, row: ReleaseRow) -> None:
+        record(
+            session,
+            operator,
+            "release.canary",
+            f"release/{row.id}",
+            request,
+            sha256=row.canary_sha256,
+            max_wer=row.canary_max_wer,
+            clips=row.canary_clips,
+        )
+
+    try:
+        await run_in_threadpool(canaries.attach, ctx, release_id, upload, audit)
+    finally:
+        upload.discard()
+    return await run_in_threadpool(_shown, ctx, release_id)
+
+
+@router.delete("/v1/releases/{release_id}/canary")
+def detach_canary(
+    release_id: int, request: Request, ctx: Context, operator: Publisher
+) -> ReleasePublic:
+    """Take the canary off the release (devices switch without one from their next plan)."""
+
+    def audit(session: Session, row: ReleaseRow) -> None:
+        record(session, operator, "release.canary.remove", f"release/{row.id}", request)
+
+    canaries.detach(ctx, release_id, audit)
+    return _shown(ctx, release_id)
+
+
+def _shown(ctx: ServiceContext, release_id: int) -> ReleasePublic:
+    with ctx.sessions() as session:
+        return _public(session, releases.get(session, release_id), with_progress=True)
 
 
 @router.post("/v1/releases/{release_id}/{action}")
