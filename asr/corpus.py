@@ -1094,11 +1094,15 @@ class CorpusStore:
         return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
     def missing_shards(self, split: str) -> list[int]:
-        """Shards not yet made, or made for a different split size (a shorter last one)."""
+        """Shards not yet made, or made shorter than this split size needs.
+
+        A longer shard (made for a larger split) serves a smaller one: its prefix is
+        exactly the smaller shard, since utterance ``i`` depends on ``i`` alone.
+        """
         return [
             shard
             for shard in range(self.shard_count(split))
-            if self._shard_len(split, shard) != len(self._shard_range(split, shard))
+            if self._shard_len(split, shard) < len(self._shard_range(split, shard))
         ]
 
     def _shard_range(self, split: str, shard: int) -> range:
@@ -1142,9 +1146,10 @@ class CorpusStore:
             meta = json.loads(meta_path.read_text())
             specs = self.shard_specs(split, shard)
             audio = np.load(npy, mmap_mode="r")
-            if meta["uids"] != [s.uid for s in specs] or sum(meta["lengths"]) != len(audio):
+            uids = meta["uids"][: len(specs)]
+            if uids != [s.uid for s in specs] or sum(meta["lengths"]) != len(audio):
                 raise CorpusError(f"{npy} does not match its plan; delete it and regenerate")
-            offsets = np.concatenate([[0], np.cumsum(meta["lengths"])])
+            offsets = np.concatenate([[0], np.cumsum(meta["lengths"][: len(specs)])])
             for spec, begin, end in zip(specs, offsets[:-1], offsets[1:], strict=True):
                 utterances.append(Utterance(spec, audio[int(begin) : int(end)]))
         return utterances

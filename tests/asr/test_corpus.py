@@ -192,3 +192,10 @@ def test_generate_caches_and_is_reproducible(tmp_path: Path) -> None:
     assert store.missing_shards("base/train") == [1]
     with pytest.raises(CorpusError, match="missing"):
         store.load("base/train")
+    assert generate(store, ["base/train"], workers=1) == 2
+    # ...and the smaller corpus is served by the longer shard, not made again.
+    smaller = CorpusStore.open(tmp_path / "a", config)
+    assert smaller.missing_shards("base/train") == []
+    assert [u.audio.tobytes() for u in smaller.load("base/train")] == [
+        u.audio.tobytes() for u in store.load("base/train")[:3]
+    ]
