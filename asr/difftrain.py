@@ -90,6 +90,13 @@ class DiffTrainConfig:
     prune_start: float = 0.1
     prune_end: float = 0.6
     prune_every: int = 5
+    delta_lr: float = 3e-3
+    """Peak learning rate of trained deltas and bucket values (``train.peak_lr`` is that of
+    whole weights, in ``full`` and the first phase of ``topk``): they start from zero
+    and pruning removes most of what they learn, so they take larger steps."""
+    overshoot: float = 1.15
+    """``sparse``/``topk`` prune toward this many times the entries the budget is
+    planned to hold; the encoder then keeps the largest that really fit."""
     retrain: float = 0.3
     """``topk``: the share of the steps spent retraining the kept deltas."""
     fisher_weighted: bool = False
@@ -103,6 +110,8 @@ class DiffTrainConfig:
             raise TrainingError(f"budget must be in (0, 100%], not {self.budget:.4%}")
         if not 0.0 <= self.prune_start < self.prune_end <= 1.0:
             raise TrainingError("need 0 <= prune_start < prune_end <= 1")
+        if self.overshoot < 1.0:
+            raise TrainingError("overshoot must be >= 1")
         if not 0.0 < self.retrain < 1.0:
             raise TrainingError("retrain must be a fraction in (0, 1)")
         if self.ewc < 0:
@@ -343,9 +352,11 @@ class _Context:
 
     def capacity(self) -> int:
         names = list(self.base_torch)
-        return sparse_capacity(
+        planned = sparse_capacity(
             self.base_weights, names, self.budget_bytes, self.config.value_format
         )
+        total = sum(p.numel() for p in self.base_torch.values())
+        return min(total, round(planned * self.config.overshoot))
 
 
 def train_diff(
@@ -428,7 +439,7 @@ def _sparse_phase(
     steps = _run_trainer(
         model,
         context.data,
-        train,
+        replace(train, peak_lr=config.delta_lr),
         context.log,
         parameters,
         context.penalty(model),
@@ -494,8 +505,9 @@ def _train_hashed(model: CTCModel, context: _Context) -> tuple[int, Diff, int]:
 
     _attach(model, make)
     parameters = [h.values for h in hashed.values()]
+    train = replace(config.train, peak_lr=config.delta_lr)
     steps = _run_trainer(
-        model, context.data, config.train, context.log, parameters, context.penalty(model)
+        model, context.data, train, context.log, parameters, context.penalty(model)
     )
     entries: list[Entry] = []
     for name, h in hashed.items():
