@@ -12,7 +12,10 @@ Its promises:
 - a plan's options are tried in order, each at most once per cycle, so a broken
   network can never turn into a download loop; waits back off exponentially with
   jitter, and honour ``Retry-After``;
-- reports are queued on disk and delivered when the server can be reached.
+- reports are queued on disk and delivered when the server can be reached;
+- a staged model goes live only after the health check (if any) and the release's
+  canary check (if the plan carries one: :mod:`device_agent.canary`) pass; a model that
+  fails either is refused for good, and the running model stays.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from device_agent import canary
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     AgentError,
+    CanaryFetchError,
+    CanaryUnavailableError,
     DowngradeError,
     EnrollmentError,
     HealthCheckError,
@@ -46,7 +52,8 @@ from device_agent.trust import TrustedMetadata
 from diffs.digest import file_digest
 from diffs.errors import DiffError
 from diffs.fileio import fsync_directory
-from diffs.wire import EnrollRequest, EnrollResponse, UpdatePlan, UpdateReport
+from diffs.wire import CanaryRef, EnrollRequest, EnrollResponse, UpdatePlan, UpdateReport
+from diffs.wire import StepReport as StepRecord
 
 log = logging.getLogger("diffcast.agent")
 
@@ -217,7 +224,7 @@ class Agent:
     def _cycle(self) -> CycleResult:
         identity = self.identity()
         live = self.state.installed()
-        params = {"model": self.config.model}
+        params = {"model": self.config.model, "canary": "true"}
         if live is not None:
             params["digest"] = live.digest
         headers = self._auth()
@@ -262,8 +269,17 @@ class Agent:
             self._client,
             self._trusted_root(),
         )
+        scorer = None
+        if plan.canary is not None:
+            try:
+                scorer = canary.load_scorer()  # before any download: it may be missing
+            except CanaryUnavailableError as exc:
+                self._refuse(plan.target.digest)
+                self._finish(journal, "failed", exc.reason, str(exc), [])
+                return CycleResult("failed", exc.reason)
         errors: list[AgentError] = []
         tried: list[str] = []
+        message: str | None = None
         for option in plan.options:
             tried.append(option.kind)
             journal.update(option=option.kind, phase="planning")
@@ -288,16 +304,20 @@ class Agent:
                 if self.health_check is not None:
                     phase("health_check")
                     self._health(staged)
+                if plan.canary is not None:
+                    assert scorer is not None
+                    phase("canary")
+                    message = self._canary(staged, plan.canary, trusted, scorer)
                 phase("switching")
                 installed = self._switch(staged, live)
-            except (DowngradeError, HealthCheckError) as exc:
+            except (DowngradeError, HealthCheckError, CanaryFetchError) as exc:
                 self._finish(journal, "failed", exc.reason, str(exc), tried)
                 return CycleResult("failed", exc.reason)
             except AgentError as exc:
                 log.warning("option %s failed: %s", option.kind, exc)
                 errors.append(exc)
                 continue
-            self._finish(journal, "updated", None, None, tried, staged, installed)
+            self._finish(journal, "updated", None, message, tried, staged, installed)
             return CycleResult("updated")
         reason = errors[-1].reason if errors else "no_option"
         message = "; ".join(f"{k}: {e}" for k, e in zip(tried, errors, strict=False))
@@ -325,9 +345,55 @@ class Agent:
             self.health_check(staged.path)
         except HealthCheckError:
             staged.path.unlink(missing_ok=True)
-            refused = read_json(self.state.refused) or []
-            write_json(self.state.refused, [*refused, staged.digest])
+            self._refuse(staged.digest)
             raise
+
+    def _refuse(self, digest: str) -> None:
+        """Never try ``digest`` again."""
+        refused = read_json(self.state.refused) or []
+        if digest not in refused:
+            write_json(self.state.refused, [*refused, digest])
+
+    def _canary(
+        self,
+        staged: StagedModel,
+        ref: CanaryRef,
+        trusted: TrustedMetadata,
+        scorer: canary.Scorer,
+    ) -> str:
+        """Fetch the canary and check the staged model on it (see :mod:`device_agent.canary`);
+        returns what it found, for the report."""
+        started = time.monotonic()
+        try:
+            fetched = canary.fetch(
+                ref,
+                staged.digest,
+                client=self._client,
+                trusted=trusted,
+                state=self.state,
+                config=self.config,
+            )
+        except AgentError as exc:
+            staged.path.unlink(missing_ok=True)
+            raise CanaryFetchError(f"canary: {exc}", exc.reason) from exc
+        try:
+            result = canary.check(staged.path, fetched.path, scorer)
+        except HealthCheckError:
+            staged.path.unlink(missing_ok=True)
+            self._refuse(staged.digest)
+            raise
+        finally:
+            fetched.path.unlink(missing_ok=True)
+        staged.steps.append(
+            StepRecord(
+                kind="canary",
+                sha256=ref.sha256,
+                bytes_downloaded=fetched.bytes_transferred,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        )
+        log.info("%s: passed", result.describe())
+        return f"{result.describe()}: passed"
 
     def _switch(self, staged: StagedModel, live: InstalledModel | None) -> InstalledModel:
         final = self.state.model_file(staged.digest)

@@ -12,7 +12,14 @@
     ├── ApplyError                   apply_failed       (a diff did not apply)
     │   └── DigestError              digest_mismatch    (a result is not the signed digest)
     ├── DowngradeError               downgrade_refused
+    ├── CanaryFetchError             (its cause's: untrusted, hash_mismatch, ...)
     └── HealthCheckError             health_check_failed
+        ├── CanaryFailedError        canary_failed      (WER above the bound, or undecodable)
+        └── CanaryUnavailableError   canary_unavailable (this device cannot run the check)
+
+A :class:`HealthCheckError` refuses the target for good: the device keeps its model and
+never tries that digest again. A :class:`CanaryFetchError` ends the update too, but the
+next poll tries again (the network or the server may have been at fault, not the model).
 """
 
 from __future__ import annotations
@@ -64,3 +71,19 @@ class DowngradeError(AgentError):
 
 class HealthCheckError(AgentError):
     reason = "health_check_failed"
+
+
+class CanaryFailedError(HealthCheckError):
+    reason = "canary_failed"
+
+
+class CanaryUnavailableError(HealthCheckError):
+    reason = "canary_unavailable"
+
+
+class CanaryFetchError(AgentError):
+    """The canary bundle could not be fetched or verified; carries its cause's reason."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

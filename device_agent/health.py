@@ -7,8 +7,9 @@ model, reports ``health_check_failed`` and never tries that target digest again.
 
 :class:`MaxAbsHealthCheck` is the simple one: it refuses a model with a float element
 whose magnitude exceeds a bound (or that is NaN or infinite) -- what a diverged or
-corrupted fine-tune looks like. A canary check (decode bundled clips, bound the WER)
-plugs into the same hook.
+corrupted fine-tune looks like. The canary check (:mod:`device_agent.canary`: decode
+the clips a release ships, bound the WER) runs after it, when a plan carries a canary,
+and fails the same way.
 """
 
 from __future__ import annotations
