@@ -48,9 +48,11 @@ from tests.integration.live import ADMIN_TOKEN
 from tests.integration.test_operator_cli import cli
 
 CONFIG = ModelConfig(dim=16, blocks=1, kernel=3, expansion=2, lookahead=1)
-NO_TORCH = (
-    "import sys; sys.modules['torch'] = None; from device_agent.cli import agent_app; agent_app()"
+WITHOUT = (
+    "import sys; sys.modules.update(dict.fromkeys({!r})); "
+    "from device_agent.cli import agent_app; agent_app()"
 )
+"""A real agent process on a device where these modules cannot be imported."""
 
 
 @dataclass(frozen=True)
@@ -214,20 +216,22 @@ def test_a_model_passing_its_canary_goes_live(stage: Stage, asr_versions: AsrVer
     assert stage.server_view("cny-2")["version"] == 1
 
 
+@pytest.mark.parametrize("missing", [("torch",), ("asr", "torch")], ids="-".join)
 def test_a_device_without_torch_reports_it_and_downloads_nothing(
-    stage: Stage, asr_versions: AsrVersions
+    stage: Stage, asr_versions: AsrVersions, missing: tuple[str, ...]
 ) -> None:
-    release = publish(stage, "cny-notorch", asr_versions)
+    model = f"cny-no-{'-'.join(missing)}"
+    release = publish(stage, model, asr_versions)
     assert read_canary(asr_versions.loose).max_wer == 1.5
     with stage.admin() as admin:
         r = admin.put(f"/v1/releases/{release}/canary", content=asr_versions.loose.read_bytes())
         assert r.status_code == 200, r.text
-    device = stage.device("cny-3", "cny-notorch", asr_versions.files[0], 0)
+    device = stage.device(f"{model}-1", model, asr_versions.files[0], 0)
     before = device.live_model()
     with ChaosProxy(stage.server.url) as proxy:
         args = ["run", "--once", "--server", proxy.url, "--state-dir", str(device.state)]
         result = subprocess.run(
-            [sys.executable, "-c", NO_TORCH, *args, "--model", device.model],
+            [sys.executable, "-c", WITHOUT.format(missing), *args, "--model", model],
             capture_output=True,
             text=True,
             timeout=120,
@@ -243,7 +247,7 @@ def test_a_device_without_torch_reports_it_and_downloads_nothing(
     report = device.reports()[-1]
     assert (report["outcome"], report["reason"]) == ("failed", "canary_unavailable")
     assert "torch" in report["message"]
-    assert stage.server_reports("cny-3")[-1] == ("failed", "canary_unavailable")
+    assert stage.server_reports(device.device_id)[-1] == ("failed", "canary_unavailable")
 
 
 def test_the_device_side_check(asr_versions: AsrVersions, tmp_path: Path) -> None:
