@@ -78,6 +78,10 @@ def load_scorer() -> Scorer:
             result = score(model, bundle)
         except ASRError as exc:
             raise CanaryFailedError(f"canary: the model cannot be decoded: {exc}") from exc
+        except Exception as exc:  # torch failing on this device: never a crash loop
+            raise CanaryUnavailableError(
+                f"the canary check failed on this device: {type(exc).__name__}: {exc}"
+            ) from exc
         return CanaryResult(
             result.wer, result.words, result.word_errors, result.clips, bundle.max_wer
         )
