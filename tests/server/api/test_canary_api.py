@@ -90,17 +90,18 @@ def test_attach_stores_signs_and_shows_the_canary(
     sha = hashlib.sha256(body).hexdigest()
     r = attach(client, release_id, body)
     assert r.status_code == 200, r.text
+    path = f"asr/canary{release_id}-{sha}.safetensors"
     expected = {
         "sha256": sha,
         "size": len(body),
         "max_wer": 0.3,
         "clips": 2,
-        "target_path": f"asr/canary{release_id}-{sha}.safetensors",
+        "target_path": path,
     }
     assert r.json()["canary"] == expected
     assert client.get(f"/v1/releases/{release_id}").json()["canary"] == expected
     assert client.get(f"/v1/blobs/{sha}").content == body
-    signed = signed_target(client, tmp_path, expected["target_path"])
+    signed = signed_target(client, tmp_path, path)
     assert (signed.length, signed.sha256) == (len(body), sha)
     assert signed.custom == {
         "kind": "canary",
