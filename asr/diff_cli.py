@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +17,17 @@ from rich.table import Table
 
 from asr.cli import CacheDir, ExistingFile, Seed, Workers, _corpus_config, _progress, _run, err, out
 from asr.corpus import UPDATE_SETS, CorpusStore, generate
-from asr.difftrain import Method
 from diffs.fileio import atomic_output
+
+
+class MethodName(StrEnum):
+    """:class:`asr.difftrain.Method`, without importing torch before a command runs."""
+
+    full = "full"
+    sparse = "sparse"
+    hashed = "hashed"
+    topk = "topk"
+
 
 _METHOD_HELP = (
     "sparse: train a delta, pruned iteratively to the budget; hashed: train bucket values "
@@ -32,7 +42,7 @@ def train(
         str, typer.Option(help="Update set to teach (`diffcast asr updates` lists them).")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Diff file.")],
-    method: Annotated[Method, typer.Option(help=_METHOD_HELP)] = Method.SPARSE,
+    method: Annotated[MethodName, typer.Option(help=_METHOD_HELP)] = MethodName.sparse,
     budget: Annotated[
         str, typer.Option(help="Encoded diff size: '2%' of the fp32 model, or '120KB'.")
     ] = "2%",
@@ -70,7 +80,7 @@ def train(
 ) -> None:
     """Train an update of BASE that teaches one update set's new words; write it as a diff."""
     from asr.course import score
-    from asr.difftrain import DiffTrainConfig, model_bytes, train_diff
+    from asr.difftrain import DiffTrainConfig, Method, model_bytes, train_diff
     from asr.metrics import ALL
     from asr.model import load_checkpoint, save_checkpoint
     from asr.train import TrainData
@@ -85,7 +95,7 @@ def train(
     def action() -> None:
         model = load_checkpoint(base)
         fraction = parse_budget(budget, model_bytes(model)) / model_bytes(model)
-        config = DiffTrainConfig(method=method, budget=min(1.0, fraction), ewc=ewc)
+        config = DiffTrainConfig(method=Method(method.value), budget=min(1.0, fraction), ewc=ewc)
         config = replace(
             config,
             fisher_weighted=fisher,
