@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := zstd bsdiff xdelta3 espeak-ng chromium chromium-driver
 
-.PHONY: help install system-deps demo check test test-slow bench-codec format clean
+.PHONY: help install system-deps demo demo-diffs check test test-slow bench-codec format clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -21,7 +21,10 @@ install: $(STAMP)  ## Create .venv and install the project with its dev tools
 system-deps:  ## Install the Debian packages the benchmarks and the browser test use (needs root)
 	@scripts/install-debian-packages $(DEBIAN_PACKAGES)
 
-demo: $(STAMP)  ## The main job (for now: the diff library end to end with the CLI)
+demo: $(STAMP) asr-deps  ## The main job: train 3 updates, publish, release, a fleet of 24 converges; report in demo-output/
+	$(BIN)/python scripts/demo.py
+
+demo-diffs: $(STAMP)  ## A walk through the diff library with the CLI (no server)
 	BIN=$(BIN) scripts/demo-diffs.sh
 
 check: $(STAMP)  ## ruff (lint + format) and mypy
@@ -57,6 +60,10 @@ bench-agent: $(STAMP)  ## Device apply time and peak RSS (anon vs file) for 1M/1
 .PHONY: docker-test
 docker-test: $(STAMP)  ## PostgreSQL + S3 + two server replicas + a device fleet in Docker, end to end (needs root)
 	scripts/docker-test
+
+.PHONY: bench-quality
+bench-quality: $(STAMP) asr-deps  ## Five consecutive updates: full fine-tune vs sparse/hashed/top-k at 1/2/5/10% (under an hour)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/update_quality.py
 
 .PHONY: asr-deps train-base
 asr-deps:  ## Install espeak-ng, the synthesizer of the ASR corpus (Debian; needs root)
