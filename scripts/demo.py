@@ -80,9 +80,9 @@ class Settings:
 FULL = Settings(
     updates=("swimmers", "places", "artists"),
     budget=0.02,
-    steps=120,
+    steps=200,
     batch_seconds=30.0,
-    train_limit=600,
+    train_limit=1_200,
     replay_base=1_200,
     test_limit=120,
     old_test_limit=240,
