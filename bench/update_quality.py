@@ -184,7 +184,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             )
     axes[0].set_title("new words (cumulative test sets)")
     axes[1].set_title("original test set")
+    updates = range(1, len(report["course"]["updates"]) + 1)
     for ax in axes:
+        ax.set_xticks(list(updates))
         ax.set_xlabel("update")
         ax.set_ylabel("WER % (greedy)")
         ax.grid(alpha=0.3)
