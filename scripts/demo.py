@@ -26,9 +26,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -108,16 +105,11 @@ def step(title: str) -> None:
 # --------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running_server(data_dir: Path) -> Iterator[str]:
-    """``diffcast server`` under uvicorn on loopback until the block ends (always stopped)."""
-    port = free_port()
+    """The server on a free loopback port until the block ends (always stopped)."""
+    from server.process import local_server
+
     env = dict(
         os.environ,
         DIFFCAST_DATA_DIR=str(data_dir),
@@ -125,51 +117,8 @@ def running_server(data_dir: Path) -> Iterator[str]:
         DIFFCAST_ENROLLMENT_SECRET=ENROLL_SECRET,
         DIFFCAST_MIGRATE_ON_START="true",
     )
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 -- closed below
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "server.app:app_from_env",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited; see {data_dir / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
+    with local_server(data_dir, env) as server:
+        yield server.url
 
 
 def ok(response: httpx.Response) -> Any:
