@@ -156,11 +156,27 @@ def test_ewc_and_fisher_weighting_run(base: CTCModel, data: TrainData) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"budget": 0.0}, {"budget": 1.5}, {"prune_start": 0.7}, {"retrain": 1.0}, {"ewc": -1.0}],
+    [
+        {"budget": 0.0},
+        {"budget": 1.5},
+        {"prune_start": 0.7},
+        {"retrain": 1.0},
+        {"ewc": -1.0},
+        {"delta_lr": 0.0},
+    ],
 )
 def test_bad_configurations_are_named_errors(changes: dict[str, float]) -> None:
     with pytest.raises(TrainingError):
         DiffTrainConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_delta_learning_rate_falls_with_the_budget_unless_given() -> None:
+    rates = [DiffTrainConfig(budget=b).delta_peak_lr() for b in (0.01, 0.02, 0.05, 0.1, 0.2)]
+    assert rates[0] == rates[1] == pytest.approx(3e-3)
+    assert rates[3] == pytest.approx(rates[1] / 2)
+    assert all(a > b for a, b in itertools.pairwise(rates[1:]))
+    assert DiffTrainConfig(budget=0.1, delta_lr=5e-4).delta_peak_lr() == 5e-4
+    assert DiffTrainConfig(budget=0.1).to_json()["delta_lr"] == pytest.approx(1.5e-3)
 
 
 def test_ewc_needs_old_data(base: CTCModel) -> None:
