@@ -59,6 +59,14 @@ def train(
         float, typer.Option(min=0.0, max=0.9, help="Share of each epoch that is old data.")
     ] = 0.5,
     ewc: Annotated[float, typer.Option(min=0.0, help="EWC penalty weight (0: off).")] = 0.0,
+    delta_lr: Annotated[
+        float | None,
+        typer.Option(
+            min=1e-6,
+            help="Peak learning rate of the trained deltas or bucket values "
+            "(default: 3e-3 up to a 2% budget, halving by 10%).",
+        ),
+    ] = None,
     fisher: Annotated[
         bool, typer.Option(help="topk: rank deltas by |delta| x Fisher, not |delta|.")
     ] = False,
@@ -95,7 +103,9 @@ def train(
     def action() -> None:
         model = load_checkpoint(base)
         fraction = parse_budget(budget, model_bytes(model)) / model_bytes(model)
-        config = DiffTrainConfig(method=Method(method.value), budget=min(1.0, fraction), ewc=ewc)
+        config = DiffTrainConfig(
+            method=Method(method.value), budget=min(1.0, fraction), ewc=ewc, delta_lr=delta_lr
+        )
         config = replace(
             config,
             fisher_weighted=fisher,
@@ -144,7 +154,12 @@ def train(
             for key in tests:
                 table.add_row(key, f"{before[key]:.2%}", f"{after[key]:.2%}")
             out.print(table)
-        record = {"update": update, "previous": previous or [], **result.to_json()}
+        record = {
+            "update": update,
+            "previous": previous or [],
+            **result.to_json(),
+            "config": config.to_json(),
+        }
         with atomic_output(output.with_name(output.name + ".json")) as sidecar:
             sidecar.write(json.dumps(record, indent=2).encode() + b"\n")
 

@@ -196,12 +196,22 @@ def test_diff_train_command_writes_a_diff_that_applies(tmp_path: Path, base: CTC
     diff_path = tmp_path / "swimmers.diff"
     args = ["train", str(base_path), "--update", "swimmers", "-o", str(diff_path)]
     args += ["--budget", "5%", "--steps", "2", "--train-limit", "3", "--replay-base", "3"]
-    args += ["--test-limit", "2", "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
+    args += [
+        "--delta-lr",
+        "2e-3",
+        "--test-limit",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--workers",
+        "1",
+    ]
     args += ["--model-out", str(tmp_path / "updated.safetensors")]
     result = CliRunner().invoke(diff_app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "swimmers.diff.json").read_text())
     assert record["update"] == "swimmers"
+    assert record["config"]["delta_lr"] == 2e-3
     assert record["diff_bytes"] == diff_path.stat().st_size
     assert file_digest(tmp_path / "updated.safetensors") == record["target"]
     applied = CliRunner().invoke(
