@@ -460,7 +460,10 @@ def _sparse_phase(
             target = cubic_density(step, train.steps, final, config)
             current = sum(int(d.mask.sum()) for d in deltas)
             if current <= REFIT_WITHIN * keep and current > keep:
-                keep = _refit(context, names, deltas, keep, current)
+                refitted = _refit(context, names, deltas, keep, current)
+                if refitted != keep:
+                    context.log(f"sparse: the budget holds more; pruning toward {refitted:,}")
+                keep = refitted
             wanted = max(keep, round(target * total))
             if wanted < current:
                 _prune(deltas, wanted)
