@@ -73,11 +73,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_info as common_machine_info  # noqa: E402
-from diffs.container import diff_bytes  # noqa: E402
-from diffs.digest import model_digest  # noqa: E402
-from diffs.make import make_exact  # noqa: E402
 from diffs.model import Tensor, save_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from tests.lineage import Lineage, fine_tunes  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "server_load.json"
 LUA_SCRIPT = ROOT / "bench" / "server_load.lua"
@@ -97,39 +95,15 @@ MB = 1e6
 # Models to publish
 
 
-@dataclass
-class Lineage:
-    """A base model and successive fine-tunes, with the exact diffs between them."""
-
-    files: list[Path]
-    digests: list[str]
-    diffs: list[bytes]
-
-
 def make_lineage(out: Path, versions: int, seed: int = 11) -> Lineage:
     """``versions`` models; each changes ~5% of the previous one's weights slightly."""
     rng = np.random.default_rng(seed)
-    model = {
+    first = {
         "encoder.weight": Tensor.of(rng.standard_normal((256, 240)).astype(np.float32)),
         "encoder.bias": Tensor.of(rng.standard_normal(256).astype(np.float32)),
         "ctc.weight": Tensor.of(rng.standard_normal((32, 256)).astype(np.float16)),
     }
-    files, digests, diffs = [], [], []
-    for number in range(versions):
-        if number:
-            previous = model
-            model = {}
-            for name, tensor in previous.items():
-                flat = tensor.array.reshape(-1).copy()
-                chosen = rng.choice(flat.size, max(1, flat.size // 20), replace=False)
-                flat[chosen] += (rng.standard_normal(chosen.size) * 0.01).astype(flat.dtype)
-                model[name] = Tensor.of(flat.reshape(tensor.shape))
-            diffs.append(diff_bytes(make_exact(previous, model)))
-        path = out / f"v{number}.safetensors"
-        save_model(path, model)
-        files.append(path)
-        digests.append(model_digest(model))
-    return Lineage(files, digests, diffs)
+    return fine_tunes(out, first, versions, rng)
 
 
 def make_big_model(out: Path, size: int, seed: int = 5) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 from diffs.container import diff_bytes
 from diffs.digest import model_digest
 from diffs.make import make_exact
-from diffs.model import Tensor, save_model
+from diffs.model import Model, Tensor, save_model
 
 
 @dataclass
@@ -23,11 +23,18 @@ class Lineage:
 
 def make_lineage(out: Path, versions: int, *, rows: int = 64, seed: int = 11) -> Lineage:
     rng = np.random.default_rng(seed)
-    model = {
+    first = {
         "enc.weight": Tensor.of(rng.standard_normal((rows, 48)).astype(np.float32)),
         "enc.bias": Tensor.of(rng.standard_normal(rows).astype(np.float32)),
         "head.weight": Tensor.of(rng.standard_normal((16, rows)).astype(np.float16)),
     }
+    return fine_tunes(out, first, versions, rng)
+
+
+def fine_tunes(out: Path, first: Model, versions: int, rng: np.random.Generator) -> Lineage:
+    """``first`` and ``versions - 1`` successors, each moving ~5% of the previous one's
+    weights slightly; written to ``out/v{i}.safetensors``."""
+    model = first
     files, digests, diffs = [], [], []
     for number in range(versions):
         if number:
