@@ -39,14 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.utils import parametrize
 
 from asr import TrainingError
 from asr.corpus import Utterance
 from asr.model import CTCModel, pad_batch
-from asr.train import Log, TrainConfig, TrainData, Trainer, encode_texts, set_determinism
+from asr.train import Log, TrainConfig, TrainData, Trainer, ctc_loss, set_determinism
 from diffs.chain import apply_chain
 from diffs.container import Diff, diff_bytes
 from diffs.digest import model_digest
@@ -294,16 +293,7 @@ def fisher_diagonal(
 def _ctc_loss(model: CTCModel, batch: Sequence[Utterance]) -> torch.Tensor:
     audio, lengths = pad_batch([u.audio for u in batch])
     logits, out_lengths = model(audio, lengths)
-    targets, target_lengths = encode_texts([u.text for u in batch], model.config.alphabet)
-    return F.ctc_loss(
-        logits.log_softmax(-1).transpose(0, 1),
-        targets,
-        out_lengths,
-        target_lengths,
-        blank=0,
-        reduction="sum",
-        zero_infinity=True,
-    ) / max(1, int(target_lengths.sum()))
+    return ctc_loss(logits, out_lengths, [u.text for u in batch], model.config.alphabet)
 
 
 def _ewc_penalty(

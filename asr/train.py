@@ -173,6 +173,23 @@ def spec_augment(
     return out * keep
 
 
+def ctc_loss(
+    logits: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str], alphabet: str
+) -> torch.Tensor:
+    """CTC loss of ``(batch, frames, classes)`` logits against ``texts``, per target
+    character (blank = 0; impossible alignments count zero rather than infinity)."""
+    targets, target_lengths = encode_texts(texts, alphabet)
+    return F.ctc_loss(
+        logits.log_softmax(-1).transpose(0, 1),
+        targets,
+        lengths,
+        target_lengths,
+        blank=0,
+        reduction="sum",
+        zero_infinity=True,
+    ) / max(1, int(target_lengths.sum()))
+
+
 def encode_texts(texts: Sequence[str], alphabet: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated token ids and their lengths (the CTC target format)."""
     ids = [[alphabet.index(c) + 1 for c in text] for text in texts]
@@ -275,16 +292,7 @@ class Trainer:
         feats, frames = model.featurize(audio, lengths)
         feats = spec_augment(feats, frames, config, _generator(config.seed, 104_729, self.step))
         logits, out_lengths = model.encode(feats, frames)
-        targets, target_lengths = encode_texts([u.text for u in batch], model.config.alphabet)
-        loss = F.ctc_loss(
-            logits.log_softmax(-1).transpose(0, 1),
-            targets,
-            out_lengths,
-            target_lengths,
-            blank=0,
-            reduction="sum",
-            zero_infinity=True,
-        ) / max(1, int(target_lengths.sum()))
+        loss = ctc_loss(logits, out_lengths, [u.text for u in batch], model.config.alphabet)
         total = loss + self.penalty() if self.penalty is not None else loss
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
