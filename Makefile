@@ -10,7 +10,9 @@ DEBIAN_PACKAGES := zstd bsdiff xdelta3 espeak-ng chromium chromium-driver
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-$(STAMP): pyproject.toml
+# setup.py and diffs/_native.c: the compiled diff kernels, rebuilt when they change.
+$(STAMP): pyproject.toml setup.py diffs/_native.c
+	@scripts/install-build-deps $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -18,8 +18,9 @@ hashed delta ``sign * b`` is a sign flip, so exact. Every machine gets the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,7 @@ import numpy.typing as npt
 from diffs.dtypes import DType, from_compute, to_compute
 from diffs.errors import IncompatibleModelError
 from diffs.hashing import CHUNK, bucket_and_sign
+from diffs.kernels import native
 from diffs.model import Tensor
 from diffs.safetensors_file import numel
 from diffs.values import Values
@@ -94,7 +96,19 @@ def is_in_place(entry: Entry) -> bool:
     return isinstance(entry, SparseEntry | HashedEntry | ExactEntry)
 
 
-def check_fits(entry: InPlaceEntry | RemoveEntry, tensor: Tensor | None) -> Tensor:
+class TensorChange(Protocol):
+    """What names the tensor a change applies to: an in-place or remove entry, or the
+    manifest's description of one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> DType: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def check_fits(entry: TensorChange, tensor: Tensor | None) -> Tensor:
     """The tensor an in-place or remove entry applies to, checked against the entry."""
     if tensor is None:
         raise IncompatibleModelError(f"the model has no tensor {entry.name!r}")
@@ -118,7 +132,11 @@ def patch_in_place(flat: npt.NDArray[Any], dtype: DType, entry: InPlaceEntry) ->
 def _patch(flat: npt.NDArray[Any], dtype: DType, entry: InPlaceEntry) -> None:
     if isinstance(entry, ExactEntry):
         bits = flat.view(dtype.bits)
-        bits[entry.positions] ^= entry.xor
+        if native is not None and bits.flags.c_contiguous:
+            xor = np.ascontiguousarray(entry.xor, dtype=dtype.bits)
+            _scatter(native.xor_scatter, bits, entry.positions, xor)
+        else:
+            bits[entry.positions] ^= entry.xor
     elif isinstance(entry, SparseEntry):
         add_at(flat, dtype, entry.positions, entry.values.widened())
     else:
@@ -139,9 +157,29 @@ def add_at(
     flat: npt.NDArray[Any], dtype: DType, positions: npt.NDArray[np.int64], delta: npt.NDArray[Any]
 ) -> None:
     """``flat[p] <- round(widen(flat[p]) + widen(delta))``, the defined sparse addition."""
+    if native is not None and dtype is DType.F32 and flat.flags.c_contiguous:
+        _scatter(native.add_scatter_f32, flat, positions, np.ascontiguousarray(delta, np.float32))
+        return
     current = to_compute(np.take(flat, positions), dtype)
     current += delta.astype(_compute(dtype), copy=False)
     flat[positions] = from_compute(current, dtype)
+
+
+def _scatter(
+    kernel: Callable[..., None],
+    target: npt.NDArray[Any],
+    positions: npt.NDArray[np.int64],
+    values: npt.NDArray[Any],
+) -> None:
+    """Run a compiled scatter; it checks positions (strictly increasing, in range) first
+    and writes nothing when they are not."""
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    if pos.shape != values.shape:
+        raise IncompatibleModelError(f"{pos.size} positions but {values.size} values")
+    try:
+        kernel(target, pos, values, target.itemsize)
+    except IndexError as exc:
+        raise IncompatibleModelError(f"entry does not fit its tensor: {exc}") from None
 
 
 def _compute(dtype: DType) -> type[np.floating[Any]]:

@@ -20,11 +20,14 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy.typing as npt
 
 from diffs.chain import StepIndex, Update, check_links, layouts_after, walk_chain
 from diffs.container import DiffReader
 from diffs.digest import model_file_digest
+from diffs.direct import patch_direct
 from diffs.entries import (
     ExactEntry,
     HashedEntry,
@@ -107,11 +110,13 @@ def _patch_copy(
         done = 0
         with ModelFile(tmp, writable=True, limits=limits) as work:
             for number, step in enumerate(steps, 1):
-                for name in step.positions:
-                    entry = step.entry(name)
-                    assert isinstance(entry, SparseEntry | HashedEntry | ExactEntry)
-                    patch_tensor(work, entry)
-                    del entry  # freed before the next one decodes: peak is one entry, not two
+                for index in step.positions.values():
+                    if isinstance(step.update, DiffReader):
+                        patch_tensor_from(work, step.update, index)
+                    else:
+                        entry = step.update.entries[index]
+                        assert isinstance(entry, SparseEntry | HashedEntry | ExactEntry)
+                        patch_tensor(work, entry)
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -139,21 +144,47 @@ def patch_tensor(work: ModelFile, entry: InPlaceEntry) -> None:
     """
     tensor = check_fits(entry, work.get(entry.name))
     flat = tensor.array.reshape(-1)  # a view of the writable mapping
-    if _writes_most_pages(entry, flat.nbytes):
+    if _writes_most_pages(entry.kind, _changed(entry), flat.nbytes):
         work.prefault_for_write(entry.name)
     patch_in_place(flat, tensor.dtype, entry)
     work.release(entry.name)
 
 
-def _writes_most_pages(entry: InPlaceEntry, nbytes: int) -> bool:
-    """Whether ``entry`` is expected to write to most (~86%+) pages of its tensor: hashed
-    entries write every element; ``k`` uniformly spread positions over ``P`` pages leave
-    about ``exp(-k / P)`` of them untouched, so ``k >= 2 P``. (Populating pages that are
-    never written would only dirty them.)"""
-    if isinstance(entry, HashedEntry):
+def patch_tensor_from(work: ModelFile, reader: DiffReader, index: int) -> None:
+    """:func:`patch_tensor` for entry ``index`` of a diff file: applied straight from its
+    sections where the compiled kernel covers it (:mod:`diffs.direct`), else decoded
+    first (and freed before the next entry decodes: peak memory is one entry)."""
+    spec = reader.specs[index]
+    tensor = check_fits(spec, work.get(spec.name))
+    flat = tensor.array.reshape(-1)
+    if _writes_most_pages(spec.kind, spec.count, flat.nbytes):
+        work.prefault_for_write(spec.name)
+    patch_flat_from(reader, index, flat)
+    work.release(spec.name)
+
+
+def patch_flat_from(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> None:
+    """Apply in-place entry ``index`` to ``flat``, the flat storage of the tensor it was
+    checked to fit: straight from the sections, or decoded first."""
+    if not patch_direct(reader, index, flat):
+        entry = reader.entry(index)
+        assert isinstance(entry, SparseEntry | HashedEntry | ExactEntry)
+        patch_in_place(flat, entry.dtype, entry)
+
+
+def _changed(entry: InPlaceEntry) -> int:
+    return 0 if isinstance(entry, HashedEntry) else int(entry.positions.size)
+
+
+def _writes_most_pages(kind: str, count: int, nbytes: int) -> bool:
+    """Whether an entry is expected to write to most (~86%+) pages of its tensor: hashed
+    entries write every element; ``count`` uniformly spread positions over ``P`` pages
+    leave about ``exp(-count / P)`` of them untouched, so ``count >= 2 P``. (Populating
+    pages that are never written would only dirty them.)"""
+    if kind == "hashed":
         return True
     pages = -(-nbytes // mmap.PAGESIZE)
-    return int(entry.positions.size) >= 2 * pages
+    return count >= 2 * pages
 
 
 def _rewrite(

@@ -21,20 +21,26 @@ streams are bit-packed LSB-first (bit ``j`` of the stream is bit ``j % 8`` of by
 ``j // 8``); pad bits are zero. Splitting the streams lets the decoder find every
 quotient with one vectorized scan for set bits and every remainder with one gather.
 
-Decoding checks, before trusting anything: the section length matches exactly, the unary
-stream holds exactly ``k`` one bits, every position is below ``N``.
+Decoding runs the compiled kernel of :mod:`diffs.kernels` where it was built, else the
+numpy code below (the reference); both check, before trusting anything: the section
+length matches exactly, the unary stream holds exactly ``k`` one bits, every position is
+below ``N``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from diffs.errors import DiffFormatError
+from diffs.kernels import native
 
 MODE_RICE = 0
 MODE_ALL = 1
@@ -73,8 +79,54 @@ def encode_positions(
     return head + params.astype(np.uint8).tobytes() + unary + remainders
 
 
+@dataclass(frozen=True)
+class RiceStreams:
+    """The checked header of a RICE position section and views of its three streams."""
+
+    block_log2: int
+    params: npt.NDArray[np.uint8]
+    unary: memoryview
+    remainders: memoryview
+    pmax: int
+    """The largest Rice parameter."""
+    uniform: bool
+    """Whether every block has the same Rice parameter."""
+
+
 def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray[np.int64]:
     """Decode ``k`` positions below ``n``; raise :class:`DiffFormatError` on any defect."""
+    streams = rice_streams(section, k, n)
+    if streams is None:
+        return np.arange(n, dtype=np.int64)
+    if native is not None:
+        positions = np.empty(k, dtype=np.int64)
+        with native_errors():
+            native.rice_decode(
+                streams.unary,
+                streams.params,
+                streams.block_log2,
+                streams.remainders,
+                k,
+                n,
+                positions,
+            )
+        return positions
+    return _decode_rice(streams, k, n)
+
+
+@contextlib.contextmanager
+def native_errors() -> Iterator[None]:
+    """The compiled decoder's errors, as the :class:`DiffFormatError` numpy would raise."""
+    assert native is not None
+    try:
+        yield
+    except native.DecodeError as exc:
+        raise DiffFormatError(str(exc)) from None
+
+
+def rice_streams(section: bytes | memoryview, k: int, n: int) -> RiceStreams | None:
+    """Check a position section's mode, header and stream lengths for ``k`` positions
+    below ``n``; ``None`` for an ALL section (every position), else its streams."""
     buf = memoryview(section).cast("B")
     if len(buf) < 1:
         raise DiffFormatError("position section is empty")
@@ -82,7 +134,7 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
     if mode == MODE_ALL:
         if len(buf) != 1 or k != n:
             raise DiffFormatError("ALL position section must be 1 byte and have k == n")
-        return np.arange(n, dtype=np.int64)
+        return None
     if mode != MODE_RICE:
         raise DiffFormatError(f"unknown position coding mode {mode}")
     if len(buf) < 10:
@@ -100,15 +152,29 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
     pmax = int(params[0]) if nblocks == 1 else int(params.max()) if nblocks else 0
     if pmax > MAX_RICE_PARAM:
         raise DiffFormatError("Rice parameter above 32")
-    uniform = nblocks == 1 or (nblocks > 1 and int(params.min()) == pmax)
-    # One byte per gap when the blocks' widths differ: k-sized temporaries are what cost.
-    widths: npt.NDArray[np.uint8] | int = pmax if uniform else np.repeat(params, block)[:k]
-    rem_bits = widths * k if isinstance(widths, int) else int(widths.sum(dtype=np.int64))
+    uniform = nblocks <= 1 or int(params.min()) == pmax
+    # Every block holds `block` gaps but the last, which holds the rest.
+    rem_bits = (
+        pmax * k
+        if uniform
+        else block * int(params[:-1].sum(dtype=np.int64))
+        + int(params[-1]) * (k - (nblocks - 1) * block)
+    )
     rem_start = params_end + unary_nbytes
     if len(buf) != rem_start + (rem_bits + 7) // 8:
         need = rem_start + (rem_bits + 7) // 8
         raise DiffFormatError(f"position section is {len(buf)} bytes, its streams need {need}")
-    unary = np.frombuffer(buf, dtype=np.uint8, count=unary_nbytes, offset=params_end)
+    return RiceStreams(
+        block_log2, params, buf[params_end:rem_start], buf[rem_start:], pmax, uniform
+    )
+
+
+def _decode_rice(streams: RiceStreams, k: int, n: int) -> npt.NDArray[np.int64]:
+    """The numpy decoder: the reference the compiled one is held to."""
+    params, block, pmax = streams.params, 1 << streams.block_log2, streams.pmax
+    # One byte per gap when the blocks' widths differ: k-sized temporaries are what cost.
+    widths: npt.NDArray[np.uint8] | int = pmax if streams.uniform else np.repeat(params, block)[:k]
+    unary = np.frombuffer(streams.unary, dtype=np.uint8)
     bits = np.unpackbits(unary, bitorder="little").view(np.bool_)
     ones_count = int(np.count_nonzero(bits))  # before allocating 8 bytes per one bit
     if ones_count != k:
@@ -132,7 +198,7 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
         )
     ):
         raise DiffFormatError("a gap runs past the end of the tensor")
-    gaps = _unpack_fields(buf[rem_start:], widths, k)
+    gaps = _unpack_fields(streams.remainders, widths, k)
     quotients <<= widths
     gaps |= quotients
     gaps += 1

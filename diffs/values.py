@@ -140,15 +140,22 @@ def decode_array(
     section: bytes | memoryview, codec: Codec, dtype: np.dtype[Any], count: int
 ) -> npt.NDArray[Any]:
     """Decode ``count`` elements of ``dtype``; the caller has capped ``count`` already."""
-    expected = count * dtype.itemsize
-    if codec is Codec.RAW:
-        if len(section) != expected:
-            raise DiffFormatError(f"raw array is {len(section)} bytes, expected {expected}")
-        return np.frombuffer(section, dtype=dtype, count=count)
-    raw = _bounded_decompress(section, expected)
+    raw = array_bytes(section, codec, count * dtype.itemsize)
     if codec is Codec.SHUFFLE:
         return _unshuffle(np.frombuffer(raw, dtype=np.uint8), dtype, count)
     return np.frombuffer(raw, dtype=dtype, count=count)
+
+
+def array_bytes(
+    section: bytes | memoryview, codec: Codec, expected: int
+) -> bytes | memoryview | bytearray:
+    """The ``expected`` bytes a section holds, decompressed but, for ``shuffle``, still
+    as byte planes."""
+    if codec is Codec.RAW:
+        if len(section) != expected:
+            raise DiffFormatError(f"raw array is {len(section)} bytes, expected {expected}")
+        return section
+    return _bounded_decompress(section, expected)
 
 
 def _unshuffle(planes: npt.NDArray[np.uint8], dtype: np.dtype[Any], count: int) -> npt.NDArray[Any]:
