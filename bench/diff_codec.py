@@ -12,12 +12,16 @@ parameters by small fine-tune-like deltas (~ N(0, 1e-3), added in float32). Per 
   (``--single-thread``), ``bsdiff``, ``xdelta3 -e -9``: patch bytes, encode time, and a
   decode that must reproduce the new file byte for byte;
 - **apply**, in child processes pinned to one core with OMP/MKL/OpenBLAS threads at 1:
-  *warm* decode+scatter (:meth:`DiffReader.entry` + :func:`patch_in_place` into a
-  writable mapping of a copy of the base whose pages are all mapped already: the codec's
-  own cost), the same with glibc malloc keeping freed memory (*keep-heap*: temporaries
-  stop paying a page fault per fresh page, which is dear in a VM), *cold* (a fresh
-  mapping, each entry applied by :func:`diffs.patch_file.patch_tensor` exactly as
-  ``apply_to_file`` does, page faults counted), the whole
+  *warm*, every entry applied the way :func:`diffs.patch_file.apply_to_file` applies it
+  (:func:`diffs.patch_file.patch_flat_from`: straight from the sections by the compiled
+  kernel where it covers the entry, see :mod:`diffs.direct`) into a writable mapping of
+  a copy of the base whose pages are all mapped already -- the codec's own cost; *cold*,
+  the same into a fresh mapping, pages mapped per entry
+  (:func:`diffs.patch_file.patch_tensor_from`), page faults counted; the *decoded* path
+  (:meth:`DiffReader.entry`, then :func:`patch_in_place`), decode and scatter timed
+  apart; that path again with the compiled kernels off (``DIFFCAST_NATIVE=0``: the numpy
+  reference), and with glibc malloc keeping freed memory besides (*keep-heap*:
+  temporaries stop paying a page fault per fresh page, which is dear in a VM); the whole
   :func:`diffs.patch_file.apply_to_file` (copy, patch, digest check, fsync, rename) with
   the base digest known, the copy and the digest alone, and the peak RSS of one
   ``apply_to_file`` in a fresh process against the model file's size.
@@ -353,23 +357,25 @@ def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _pure_once(reader: Any, base: Path, work: Path, warm: bool) -> dict[str, float]:
-    """Decode every entry and apply it to a writable mapping of a fresh copy of ``base``.
+def _pure_once(reader: Any, base: Path, work: Path, warm: bool, path: str) -> dict[str, Any]:
+    """Apply every entry to a writable mapping of a fresh copy of ``base``.
 
-    Cold: a fresh mapping, each entry applied with :func:`diffs.patch_file.patch_tensor`
-    (what ``apply_to_file`` does per entry: map the pages, scatter, unmap). Warm: every
-    page mapped writable before the clock starts and only :func:`patch_in_place` timed --
-    the decode and scatter alone.
+    ``path``: ``direct`` is what ``apply_to_file`` runs (straight from the sections where
+    the compiled kernel covers the entry, else decoded); ``decoded`` decodes every entry
+    first (:meth:`DiffReader.entry`, timed apart) then scatters it (``patch_in_place``).
+    Cold: a fresh mapping, pages mapped per entry as ``apply_to_file`` does
+    (:func:`diffs.patch_file.patch_tensor_from` / ``patch_tensor``). Warm: every page
+    mapped writable before the clock starts: the codec's own cost.
     """
     import mmap
 
     from diffs.entries import check_fits, patch_in_place
     from diffs.model import ModelFile
-    from diffs.patch_file import patch_tensor
+    from diffs.patch_file import patch_flat_from, patch_tensor, patch_tensor_from
 
     shutil.copyfile(base, work)
-    decode_s = scatter_s = decode_cpu = scatter_cpu = 0.0
-    decode_faults = scatter_faults = 0
+    total_s = total_cpu = decode_cpu = 0.0
+    faults = 0
     with ModelFile(work, writable=True) as model:
         if warm:  # write-fault every page of every tensor before the clock starts
             for tensor in model.values():
@@ -380,32 +386,32 @@ def _pure_once(reader: Any, base: Path, work: Path, warm: bool) -> dict[str, flo
         for index, spec in enumerate(reader.specs):
             f0 = _minflt()
             t0, c0 = time.perf_counter(), time.process_time()
-            entry = reader.entry(index)
-            t1, c1 = time.perf_counter(), time.process_time()
-            f1 = _minflt()
-            if warm:
-                tensor = check_fits(entry, model.get(spec.name))
-                patch_in_place(tensor.array.reshape(-1), tensor.dtype, entry)
-                del tensor
+            if path == "direct":
+                if warm:
+                    tensor = check_fits(spec, model.get(spec.name))
+                    patch_flat_from(reader, index, tensor.array.reshape(-1))
+                    del tensor
+                else:
+                    patch_tensor_from(model, reader, index)
             else:
-                patch_tensor(model, entry)
-            t2, c2 = time.perf_counter(), time.process_time()
-            decode_faults += f1 - f0
-            scatter_faults += _minflt() - f1
-            decode_s += t1 - t0
-            scatter_s += t2 - t1
-            decode_cpu += c1 - c0
-            scatter_cpu += c2 - c1
-            del entry
+                entry = reader.entry(index)
+                decode_cpu += time.process_time() - c0
+                if warm:
+                    tensor = check_fits(entry, model.get(spec.name))
+                    patch_in_place(tensor.array.reshape(-1), tensor.dtype, entry)
+                    del tensor
+                else:
+                    patch_tensor(model, entry)
+                del entry
+            total_s += time.perf_counter() - t0
+            total_cpu += time.process_time() - c0
+            faults += _minflt() - f0
     work.unlink()
-    return {
-        "decode_s": decode_s,
-        "scatter_s": scatter_s,
-        "decode_cpu_s": decode_cpu,
-        "scatter_cpu_s": scatter_cpu,
-        "decode_minor_faults": decode_faults,
-        "scatter_minor_faults": scatter_faults,
-    }
+    out: dict[str, Any] = {"s": total_s, "cpu_s": total_cpu, "minor_faults": faults}
+    if path == "decoded":
+        out["decode_cpu_s"] = decode_cpu
+        out["scatter_cpu_s"] = total_cpu - decode_cpu
+    return out
 
 
 def apply_child(phase: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -420,24 +426,28 @@ def apply_child(phase: str, args: dict[str, Any]) -> dict[str, Any]:
     repeats = int(args["repeats"])
     out: dict[str, Any] = {"cpu": cpu, "threads_env": {n: os.environ.get(n) for n in THREAD_ENV}}
     if phase == "pure":
+        from diffs.kernels import backend
+
+        out["kernels"] = backend()
+        paths = ("direct", "decoded") if backend() == "native" else ("decoded",)
         with DiffReader(diff) as reader:
-            for mode in ("cold", "warm"):
-                runs = [_pure_once(reader, base, work, warm=mode == "warm") for _ in range(repeats)]
-                totals = [r["decode_s"] + r["scatter_s"] for r in runs]
-                cpu = [r["decode_cpu_s"] + r["scatter_cpu_s"] for r in runs]
-                best = runs[cpu.index(min(cpu))]
-                out[mode] = {
-                    "decode_scatter_s": best_and_median(totals),
-                    "decode_scatter_cpu_s": best_and_median(cpu),
-                    "decode_s": best_and_median([r["decode_s"] for r in runs]),
-                    "scatter_s": best_and_median([r["scatter_s"] for r in runs]),
-                    "decode_cpu_s_of_best": best["decode_cpu_s"],
-                    "scatter_cpu_s_of_best": best["scatter_cpu_s"],
-                    "decode_s_of_best": best["decode_s"],
-                    "scatter_s_of_best": best["scatter_s"],
-                    "decode_minor_faults": best["decode_minor_faults"],
-                    "scatter_minor_faults": best["scatter_minor_faults"],
-                }
+            for path in paths:
+                for mode in ("cold", "warm"):
+                    runs = [
+                        _pure_once(reader, base, work, mode == "warm", path) for _ in range(repeats)
+                    ]
+                    cpu = [r["cpu_s"] for r in runs]
+                    best = runs[cpu.index(min(cpu))]
+                    out[f"{path}_{mode}"] = {
+                        "s": best_and_median([r["s"] for r in runs]),
+                        "cpu_s": best_and_median(cpu),
+                        "minor_faults_of_best": best["minor_faults"],
+                        **{
+                            f"{part}_of_best": best[part]
+                            for part in ("decode_cpu_s", "scatter_cpu_s")
+                            if part in best
+                        },
+                    }
     elif phase == "whole":
         digest = args["base_digest"]
         target = args["target_digest"]
@@ -593,7 +603,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "target_digest": ours["digests"]["target"],
             }
             pure = run_apply_child("pure", child_args)
-            pure_keep = run_apply_child("pure", child_args, KEEP_HEAP_ENV)
+            numpy_only = {"DIFFCAST_NATIVE": "0"}
+            ref = run_apply_child("pure", child_args, numpy_only)
+            ref_keep = run_apply_child("pure", child_args, {**numpy_only, **KEEP_HEAP_ENV})
             whole = run_apply_child("whole", child_args)
             rss = run_apply_child("rss", child_args)
             row = {
@@ -602,7 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "changed": changed,
                 "ours": ours,
                 "generic": generic,
-                "apply": summarize_apply(changed, pure, pure_keep, whole, rss, model_bytes),
+                "apply": summarize_apply(changed, pure, ref, ref_keep, whole, rss, model_bytes),
             }
             measured = {t: g["bytes"] for t, g in generic.items() if "bytes" in g}
             row["ours_smaller_than"] = {t: ours["total_bytes"] < b for t, b in measured.items()}
@@ -621,7 +633,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def summarize_apply(
     changed: int,
     pure: dict[str, Any],
-    pure_keep: dict[str, Any],
+    ref: dict[str, Any],
+    ref_keep: dict[str, Any],
     whole: dict[str, Any],
     rss: dict[str, Any],
     model_bytes: int,
@@ -629,22 +642,30 @@ def summarize_apply(
     def rate(seconds: float) -> float:
         return changed / seconds if seconds > 0 else float("inf")
 
-    def mode(result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def modes(child: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {
-            **result,
-            "entries_per_s": rate(result["decode_scatter_cpu_s"]["best"]),
-            "entries_per_s_wall": rate(result["decode_scatter_s"]["best"]),
-            **extra,
+            key: {
+                **result,
+                "entries_per_s": rate(result["cpu_s"]["best"]),
+                "entries_per_s_wall": rate(result["s"]["best"]),
+                **extra,
+            }
+            for key, result in child.items()
+            if key.endswith(("_cold", "_warm"))
         }
 
+    ours = modes(pure)
+    path = "direct" if "direct_warm" in ours else "decoded"
     return {
         "cpu": pure["cpu"],
+        "kernels": pure["kernels"],
         "rates": "entries_per_s: by CPU time (user + system) of the best repeat; "
         "entries_per_s_wall: by wall-clock time of the best repeat",
-        "pure_cold": mode(pure["cold"]),
-        "pure_warm": mode(pure["warm"]),
-        "pure_warm_keep_heap": mode(pure_keep["warm"], malloc_env=KEEP_HEAP_ENV),
-        "pure_cold_keep_heap": mode(pure_keep["cold"], malloc_env=KEEP_HEAP_ENV),
+        "warm": ours[f"{path}_warm"],
+        "cold": ours[f"{path}_cold"],
+        "paths": ours,
+        "numpy": modes(ref),
+        "numpy_keep_heap": modes(ref_keep, malloc_env=KEEP_HEAP_ENV),
         "apply_to_file": {
             "s": whole["apply_to_file_s"],
             "cpu_s": whole["apply_to_file_cpu_s"],
@@ -678,24 +699,23 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     rows = report["rows"]
     compared = [t for t, info in report["tools"].items() if info["available"]]
     smallest = all(all(r["ours_smaller_than"].values()) for r in rows)
-    cold = [r["apply"]["pure_cold"]["entries_per_s"] for r in rows]
-    warm = [r["apply"]["pure_warm"]["entries_per_s"] for r in rows]
-    keep = [r["apply"]["pure_warm_keep_heap"]["entries_per_s"] for r in rows]
+    warm = [r["apply"]["warm"]["entries_per_s"] for r in rows]
+    cold = [r["apply"]["cold"]["entries_per_s"] for r in rows]
+    ref = [r["apply"]["numpy"]["decoded_warm"]["entries_per_s"] for r in rows]
     return {
         "tools_compared": compared,
         "tools_missing": [t for t in report["tools"] if t not in compared],
         "ours_smaller_than_every_tool_on_every_row": smallest and bool(compared),
-        "min_pure_cold_entries_per_s": min(cold),
-        "min_pure_warm_entries_per_s": min(warm),
-        "min_pure_warm_keep_heap_entries_per_s": min(keep),
-        "min_pure_warm_entries_per_s_wall": min(
-            r["apply"]["pure_warm"]["entries_per_s_wall"] for r in rows
-        ),
+        "kernels": rows[0]["apply"]["kernels"],
+        "min_warm_entries_per_s": min(warm),
+        "min_warm_entries_per_s_wall": min(r["apply"]["warm"]["entries_per_s_wall"] for r in rows),
+        "min_cold_entries_per_s": min(cold),
+        "min_numpy_warm_entries_per_s": min(ref),
         "rates": "by CPU time of the best repeat (wall-clock rates in each row)",
         "target_entries_per_s": TARGET_ENTRIES_PER_S,
-        "pure_warm_meets_target": min(warm) >= TARGET_ENTRIES_PER_S,
-        "pure_cold_meets_target": min(cold) >= TARGET_ENTRIES_PER_S,
-        "pure_warm_keep_heap_meets_target": min(keep) >= TARGET_ENTRIES_PER_S,
+        "warm_meets_target": min(warm) >= TARGET_ENTRIES_PER_S,
+        "cold_meets_target": min(cold) >= TARGET_ENTRIES_PER_S,
+        "numpy_warm_meets_target": min(ref) >= TARGET_ENTRIES_PER_S,
         "max_peak_rss_over_baseline_kib": max(
             r["apply"]["rss"]["peak_over_baseline_kib"] for r in rows
         ),
@@ -782,14 +802,16 @@ def print_tables(report: dict[str, Any]) -> None:
     for col in (
         "density",
         "changed",
-        "dec ms",
-        "scat ms",
+        "warm ms",
         "warm M/s",
         "(wall)",
-        "heap M/s",
-        "cold ms",
         "cold M/s",
         "faults",
+        "dec ms",
+        "scat ms",
+        "decoded M/s",
+        "numpy M/s",
+        "heap M/s",
         "apply ms",
         "(wall)",
         "apply M/s",
@@ -805,19 +827,21 @@ def print_tables(report: dict[str, Any]) -> None:
 
     for row in rows:
         a = row["apply"]
-        cold, warm, keep = a["pure_cold"], a["pure_warm"], a["pure_warm_keep_heap"]
+        warm, cold, decoded = a["warm"], a["cold"], a["paths"]["decoded_warm"]
         whole, rss = a["apply_to_file"], a["rss"]
         speed.add_row(
             f"{row['density_percent']:g}%",
             f"{row['changed']:,}",
-            f"{1e3 * warm['decode_cpu_s_of_best']:.2f}",
-            f"{1e3 * warm['scatter_cpu_s_of_best']:.2f}",
+            f"{1e3 * warm['cpu_s']['best']:.2f}",
             mps(warm["entries_per_s"]),
             f"{warm['entries_per_s_wall'] / 1e6:.1f}",
-            mps(keep["entries_per_s"]),
-            f"{1e3 * cold['decode_scatter_cpu_s']['best']:.2f}",
             mps(cold["entries_per_s"]),
-            f"{cold['decode_minor_faults'] + cold['scatter_minor_faults']:,}",
+            f"{cold['minor_faults_of_best']:,}",
+            f"{1e3 * decoded['decode_cpu_s_of_best']:.2f}",
+            f"{1e3 * decoded['scatter_cpu_s_of_best']:.2f}",
+            mps(decoded["entries_per_s"]),
+            mps(a["numpy"]["decoded_warm"]["entries_per_s"]),
+            mps(a["numpy_keep_heap"]["decoded_warm"]["entries_per_s"]),
             f"{1e3 * whole['cpu_s']['best']:.1f}",
             f"{1e3 * whole['s']['best']:.1f}",
             f"{whole['entries_per_s'] / 1e6:.1f}",
@@ -828,16 +852,20 @@ def print_tables(report: dict[str, Any]) -> None:
     console.print(speed)
     console.print(
         "Times are CPU time (user + system) of the best repeat unless marked (wall); other "
-        "processes share the machine. dec: DiffReader.entry; scat: patch_in_place into a "
-        "writable mapping of a copy of the base whose pages are all mapped already (warm); "
-        "warm M/s: changed entries per second of dec + scat; heap M/s: the same with glibc "
-        "malloc keeping freed memory "
+        "processes share the machine. warm: every entry applied as apply_to_file applies it "
+        f"(kernels: {rows[0]['apply']['kernels']}; straight from the sections where the "
+        "compiled kernel covers the entry) to a writable mapping of a copy of the base whose "
+        "pages are all mapped already: the codec's own cost; cold: the same on a fresh "
+        "mapping, pages mapped per entry (patch_file.patch_tensor_from), minor page faults "
+        "counted; dec, scat, decoded: each entry decoded into arrays first "
+        "(DiffReader.entry), then scattered (patch_in_place), warm; numpy: that decoded "
+        "path with the compiled kernels off (DIFFCAST_NATIVE=0), the reference code; heap: "
+        "the same with glibc malloc keeping freed memory "
         "(MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_), so temporaries do not page-fault "
-        "afresh; cold: a fresh mapping, each entry applied by patch_file.patch_tensor as "
-        "apply_to_file does, its minor page faults counted; apply: the whole apply_to_file "
-        "(copy, patch, digest check, fsync, rename; base digest known); copy, dgst: those "
-        "parts alone; RSS+: peak RSS (VmHWM) of one apply_to_file in a fresh process over "
-        "its baseline after imports (compare with the model file's size).",
+        "afresh; apply: the whole apply_to_file (copy, patch, digest check, fsync, rename; "
+        "base digest known); copy, dgst: those parts alone; RSS+: peak RSS (VmHWM) of one "
+        "apply_to_file in a fresh process over its baseline after imports (compare with the "
+        "model file's size).",
         highlight=False,
     )
     s = report["summary"]
@@ -846,10 +874,10 @@ def print_tables(report: dict[str, Any]) -> None:
     if s["tools_missing"]:
         console.print(f"[yellow]not compared (missing): {', '.join(s['tools_missing'])}[/yellow]")
     console.print(
-        f"decode+apply by CPU time, worst row: {s['min_pure_warm_entries_per_s'] / 1e6:.1f} "
-        f"M entries/s warm ({s['min_pure_warm_entries_per_s_wall'] / 1e6:.1f} by wall clock), "
-        f"{s['min_pure_warm_keep_heap_entries_per_s'] / 1e6:.1f} M/s warm keep-heap, "
-        f"{s['min_pure_cold_entries_per_s'] / 1e6:.1f} M/s cold (target "
+        f"decode+apply by CPU time, worst row: {s['min_warm_entries_per_s'] / 1e6:.1f} "
+        f"M entries/s warm ({s['min_warm_entries_per_s_wall'] / 1e6:.1f} by wall clock, "
+        f"kernels: {s['kernels']}), {s['min_cold_entries_per_s'] / 1e6:.1f} M/s cold, "
+        f"{s['min_numpy_warm_entries_per_s'] / 1e6:.1f} M/s warm with numpy alone (target "
         f"{TARGET_ENTRIES_PER_S / 1e6:.0f} M/s). {machine['cpu_model']}, "
         f"{machine['cpu_count']} cores, load average {machine['load_average_at_start'][0]:.1f} "
         f"at start, {machine['load_average_at_end'][0]:.1f} at end",
@@ -891,7 +919,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 unless ours is smallest on every row and warm decode+apply meets 50 M/s",
+        help="exit 1 unless ours is smallest on every row and warm apply meets 50 M/s",
     )
     args = parser.parse_args(argv)
     if args.params is None:
@@ -920,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.output}")
     s = report["summary"]
     if args.strict and not (
-        s["ours_smaller_than_every_tool_on_every_row"] and s["pure_warm_meets_target"]
+        s["ours_smaller_than_every_tool_on_every_row"] and s["warm_meets_target"]
     ):
         return 1
     return 0
