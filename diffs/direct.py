@@ -7,8 +7,9 @@ and ``k`` values in memory, then scatters them: three passes over memory and two
 ``rice_patch`` instead decodes positions a few thousand at a time into a small buffer and
 applies each value from the section's bytes (or byte planes) as it goes.
 
-It covers exact entries (XOR, any dtype) and sparse entries of F32 tensors with f32
-values; everything else, and every process without the compiled kernels, takes the
+It covers exact entries (XOR, any dtype) and sparse entries of F32 tensors (f32 deltas
+applied from the section's bytes; f16, bf16 and i8 deltas widened to binary32 by numpy
+first); everything else, and every process without the compiled kernels, takes the
 decoded path. Both check every stream before their first write, so a bad entry leaves
 the tensor as it was, and both give the same bits (``tests/diffs/test_kernels.py``).
 """
@@ -23,8 +24,9 @@ import numpy.typing as npt
 from diffs.container import DiffReader
 from diffs.dtypes import DType
 from diffs.kernels import native
+from diffs.manifest import EntrySpec
 from diffs.positions import native_errors, rice_streams
-from diffs.values import Codec, ValueFormat, array_bytes
+from diffs.values import Codec, ValueFormat, Values, array_bytes, decode_array
 
 
 def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool:
@@ -37,16 +39,9 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
         return False
     spec = reader.specs[index]
     if spec.kind == "exact" and spec.codec is not None:
-        codec, part, add = spec.codec, "xor", False
-        target = flat.view(spec.dtype.bits)
-    elif (
-        spec.kind == "sparse"
-        and spec.dtype is DType.F32
-        and spec.values is not None
-        and spec.values.format is ValueFormat.F32
-    ):
-        codec, part, add = spec.values.codec, "values", True
-        target = flat.view(np.float32)
+        target, add = flat.view(spec.dtype.bits), False
+    elif spec.kind == "sparse" and spec.dtype is DType.F32 and spec.values is not None:
+        target, add = flat.view(np.float32), True
     else:
         return False
     if target.size != spec.numel:
@@ -54,8 +49,7 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
     streams = rice_streams(reader.section(index, "positions"), spec.count, spec.numel)
     if streams is None:  # every position: nothing to decode, the decoded path is as fast
         return False
-    width = target.itemsize
-    values = array_bytes(reader.section(index, part), codec, spec.count * width)
+    values, shuffled = _values(reader, index, spec, target.itemsize)
     with native_errors():
         native.rice_patch(
             streams.unary,
@@ -66,8 +60,26 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
             spec.numel,
             target,
             values,
-            width,
-            codec is Codec.SHUFFLE,
+            target.itemsize,
+            shuffled,
             add,
         )
     return True
+
+
+def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> tuple[Any, bool]:
+    """The bytes the kernel applies, and whether they are shuffled into byte planes: the
+    section's own bytes for XOR patterns and f32 deltas; other delta formats widened to
+    binary32 first, by the numpy code that defines them."""
+    if spec.kind == "exact":
+        assert spec.codec is not None
+        raw = array_bytes(reader.section(index, "xor"), spec.codec, spec.count * width)
+        return raw, spec.codec is Codec.SHUFFLE
+    vs = spec.values
+    assert vs is not None
+    if vs.format is ValueFormat.F32:
+        raw = array_bytes(reader.section(index, "values"), vs.codec, spec.count * width)
+        return raw, vs.codec is Codec.SHUFFLE
+    data = decode_array(reader.section(index, "values"), vs.codec, vs.format.storage, spec.count)
+    widened = np.ascontiguousarray(Values(vs.format, data, vs.scale).widened(), dtype=np.float32)
+    return widened, False

@@ -129,13 +129,14 @@ def test_decode_reports_a_gap_past_the_end_as_numpy_does() -> None:
 
 @st.composite
 def covered_entries(draw: st.DrawFn) -> SparseEntry | ExactEntry:
-    """Entries :func:`patch_direct` takes: exact (any dtype) or F32 sparse, f32 values."""
+    """Entries :func:`patch_direct` takes: exact (any dtype) or F32 sparse (any format)."""
     if draw(st.booleans()):
         return draw(exact_entries("w"))
     n = draw(st.integers(1, 3000))
     positions = draw(position_sets(n))
-    values = draw(values_of(ValueFormat.F32, positions.size))
-    if draw(st.booleans()):  # NaNs, infinities, subnormals among the deltas
+    fmt = draw(st.sampled_from(list(ValueFormat)))
+    values = draw(values_of(fmt, positions.size))
+    if fmt is ValueFormat.F32 and draw(st.booleans()):  # NaNs, infinities, subnormals
         rng = np.random.default_rng(draw(seeds))
         bits = rng.integers(0, 2**32, positions.size, dtype=np.uint32)
         values = Values(ValueFormat.F32, bits.view(np.float32))
@@ -206,6 +207,24 @@ def _large_entry(kind: str, dtype: DType, style: str) -> SparseEntry | ExactEntr
 
 
 LARGE_CASES = [("sparse", DType.F32)] + [("exact", d) for d in DType]
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", [f for f in ValueFormat if f is not ValueFormat.F32])
+def test_direct_apply_widens_other_formats_as_numpy_does(
+    fmt: ValueFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f32 = _large_entry("sparse", DType.F32, "small")
+    assert isinstance(f32, SparseEntry)
+    entry = SparseEntry(
+        "w", DType.F32, f32.shape, f32.positions, Values.quantize(f32.values.data * 300, fmt)
+    )
+    base = _base_for(entry, 5)
+    with DiffReader(diff_bytes(Diff(ZERO, ZERO, [entry]), DEFAULT_OPTIONS)) as reader:
+        direct, reference = base.copy(), base.copy()
+        assert patch_direct(reader, 0, direct)
+        _decoded(reader, reference, monkeypatch, numpy_only=True)
+    assert direct.tobytes() == reference.tobytes() != base.tobytes()
 
 
 @needs_native
