@@ -11,6 +11,7 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The format is little-endian and so are the loads below: on a big-endian machine the
@@ -123,7 +124,7 @@ static int rice_next(Rice *s, int64_t count, int64_t *out, const uint8_t *prefet
 /* Decode all k positions (out == NULL: only check the streams), reporting errors in the
  * order the numpy decoder checks them: the unary stream's count of one bits, then any
  * quotient too large for its tensor, then a position past the end. */
-#define CHUNK 2048
+#define CHUNK 1024
 static int rice_decode(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t *params,
                        int block_log2, const uint8_t *rem, Py_ssize_t rem_len, int64_t k,
                        int64_t n, int64_t *out, uint64_t *ones_found) {
@@ -322,10 +323,90 @@ static void apply_chunk(uint8_t *target, const int64_t *pos, int64_t count,
     }
 }
 
+/* Copy the width-byte elements at pos out of the target (save) or back into it. */
+#define KEEP_LOOP(T)                                                                  \
+    do {                                                                              \
+        T *t = (T *)target, *saved = (T *)kept;                                       \
+        if (restore) {                                                                \
+            for (int64_t j = 0; j < count; j++) t[pos[j]] = saved[j];                 \
+        } else {                                                                      \
+            for (int64_t j = 0; j < count; j++) saved[j] = t[pos[j]];                 \
+        }                                                                             \
+    } while (0)
+
+static void keep_chunk(uint8_t *target, const int64_t *pos, int64_t count, int width,
+                       uint8_t *kept, int restore) {
+    switch (width) {
+    case 1: KEEP_LOOP(uint8_t); break;
+    case 2: KEEP_LOOP(uint16_t); break;
+    case 4: KEEP_LOOP(uint32_t); break;
+    default: KEEP_LOOP(uint64_t); break;
+    }
+}
+
+/*
+ * Decode and apply in one pass over the streams. Each chunk of positions is checked
+ * before it is written, and the elements it overwrites are kept: when a later chunk
+ * turns out bad, the chunks already applied are decoded again and put back, so a bad
+ * entry leaves the target as it was. (Without memory to keep them in, every stream is
+ * checked in a first pass instead.) Errors are those rice_decode reports, in its order.
+ */
+static int rice_patch(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t *params,
+                      int block_log2, const uint8_t *rem, Py_ssize_t rem_len, int64_t k,
+                      int64_t n, uint8_t *target, const uint8_t *values, int width,
+                      int shuffled, int add, uint64_t *ones_found) {
+    uint64_t ones = count_ones(unary, unary_len);
+    if (ones != (uint64_t)k) {
+        *ones_found = ones;
+        return RICE_COUNT;
+    }
+    uint8_t *kept = k ? malloc((size_t)k * (size_t)width) : NULL;
+    if (k && kept == NULL) {
+        int status = rice_decode(unary, unary_len, params, block_log2, rem, rem_len, k, n, NULL,
+                                 ones_found);
+        if (status != RICE_OK) return status;
+    }
+    Rice s;
+    int64_t pos[CHUNK];
+    int64_t first = 0;
+    int status = RICE_OK;
+    rice_start(&s, unary, unary_len, params, block_log2, rem, rem_len, n);
+    for (; first < k; first += CHUNK) {
+        int64_t count = k - first < CHUNK ? k - first : CHUNK;
+        if (rice_next(&s, count, pos, target, width) != RICE_OK) {
+            status = RICE_GAP;
+            break;
+        }
+        if (s.past_end) {
+            /* numpy checks every quotient before any position: look on for a bad one */
+            status = RICE_POSITION;
+            for (int64_t rest = first + count; rest < k; rest += CHUNK) {
+                int64_t more = k - rest < CHUNK ? k - rest : CHUNK;
+                if (rice_next(&s, more, pos, NULL, 0) != RICE_OK) {
+                    status = RICE_GAP;
+                    break;
+                }
+            }
+            break;
+        }
+        if (kept != NULL) keep_chunk(target, pos, count, width, kept + first * width, 0);
+        apply_chunk(target, pos, count, values, k, first, width, shuffled, add);
+    }
+    if (status != RICE_OK && kept != NULL) { /* put back the chunks before `first` */
+        rice_start(&s, unary, unary_len, params, block_log2, rem, rem_len, n);
+        for (int64_t done = 0; done < first; done += CHUNK) {
+            int64_t count = first - done < CHUNK ? first - done : CHUNK;
+            rice_next(&s, count, pos, NULL, 0);
+            keep_chunk(target, pos, count, width, kept + done * width, 1);
+        }
+    }
+    free(kept);
+    return status;
+}
+
 /* rice_patch(unary, params, block_log2, remainders, k, n, target, values, width,
- *            shuffled, add): decode and apply in one go, never holding the k positions.
- * The streams are checked in full before the first write, so that bad input leaves the
- * target as it was. */
+ *            shuffled, add): decode and apply in one go, never holding the k positions;
+ * bad streams raise DecodeError and leave the target as it was. */
 static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
     Py_buffer unary, params, rem, target, values;
     int block_log2, width, shuffled, add;
@@ -354,18 +435,8 @@ static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = rice_decode(unary.buf, unary.len, params.buf, block_log2, rem.buf, rem.len, k, n,
-                         NULL, &ones);
-    if (status == RICE_OK) {
-        Rice s;
-        int64_t pos[CHUNK];
-        rice_start(&s, unary.buf, unary.len, params.buf, block_log2, rem.buf, rem.len, n);
-        for (int64_t first = 0; first < k; first += CHUNK) {
-            int64_t count = k - first < CHUNK ? k - first : CHUNK;
-            rice_next(&s, count, pos, target.buf, width); /* checked above: cannot fail */
-            apply_chunk(target.buf, pos, count, values.buf, k, first, width, shuffled, add);
-        }
-    }
+    status = rice_patch(unary.buf, unary.len, params.buf, block_log2, rem.buf, rem.len, k, n,
+                        target.buf, values.buf, width, shuffled, add, &ones);
     Py_END_ALLOW_THREADS
     result = rice_result(status, ones, k, n);
 done:

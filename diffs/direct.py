@@ -4,14 +4,17 @@ What a device does most is patch such entries into the tensors of a model file. 
 an entry first (:meth:`diffs.container.DiffReader.entry`) builds ``k`` int64 positions
 and ``k`` values in memory, then scatters them: three passes over memory and two
 ``k``-sized buffers whose fresh pages the kernel must fault in. The compiled kernel
-``rice_patch`` instead decodes positions a few thousand at a time into a small buffer and
-applies each value from the section's bytes (or byte planes) as it goes.
+``rice_patch`` instead decodes positions a thousand at a time into a small buffer
+(prefetching the cache line each will write) and applies each value from the section's
+bytes (or byte planes) as it goes.
 
 It covers exact entries (XOR, any dtype) and sparse entries of F32 tensors (f32 deltas
 applied from the section's bytes; f16, bf16 and i8 deltas widened to binary32 by numpy
 first); everything else, and every process without the compiled kernels, takes the
-decoded path. Both check every stream before their first write, so a bad entry leaves
-the tensor as it was, and both give the same bits (``tests/diffs/test_kernels.py``).
+decoded path. Either way a bad entry leaves the tensor as it was: the decoded path checks
+every stream before it writes; the kernel checks each chunk of positions before writing
+it and keeps the elements it overwrites, putting them back if a later chunk is bad. Both
+give the same bits (``tests/diffs/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import numpy.typing as npt
 
 from diffs.container import DiffReader
 from diffs.dtypes import DType
+from diffs.errors import DiffFormatError
 from diffs.kernels import native
 from diffs.manifest import EntrySpec
-from diffs.positions import native_errors, rice_streams
+from diffs.positions import rice_streams
 from diffs.values import Codec, ValueFormat, Values, array_bytes, decode_array
 
 
@@ -35,7 +39,8 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
 
     Raises :class:`diffs.errors.DiffFormatError` (nothing written) on bad streams.
     """
-    if native is None or not (flat.flags.c_contiguous and flat.flags.writeable):
+    flags = flat.flags
+    if native is None or not (flags.c_contiguous and flags.writeable):
         return False
     spec = reader.specs[index]
     if spec.kind == "exact" and spec.codec is not None:
@@ -50,7 +55,7 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
     if streams is None:  # every position: nothing to decode, the decoded path is as fast
         return False
     values, shuffled = _values(reader, index, spec, target.itemsize)
-    with native_errors():
+    try:
         native.rice_patch(
             streams.unary,
             streams.params,
@@ -64,6 +69,8 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
             shuffled,
             add,
         )
+    except native.DecodeError as exc:
+        raise DiffFormatError(str(exc)) from None
     return True
 
 
@@ -81,5 +88,6 @@ def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> tupl
         raw = array_bytes(reader.section(index, "values"), vs.codec, spec.count * width)
         return raw, vs.codec is Codec.SHUFFLE
     data = decode_array(reader.section(index, "values"), vs.codec, vs.format.storage, spec.count)
-    widened = np.ascontiguousarray(Values(vs.format, data, vs.scale).widened(), dtype=np.float32)
-    return widened, False
+    with np.errstate(over="ignore", invalid="ignore"):  # i8 times scale may overflow: defined
+        widened = Values(vs.format, data, vs.scale).widened()
+    return np.ascontiguousarray(widened, dtype=np.float32), False

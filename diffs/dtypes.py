@@ -63,8 +63,10 @@ class DType(enum.Enum):
     @property
     def bits(self) -> np.dtype[Any]:
         """The unsigned integer dtype with this type's width (for bit-pattern XOR)."""
-        return np.dtype(f"<u{self.itemsize}") if self is not DType.BOOL else np.dtype("u1")
+        return _BITS[self.itemsize]
 
+
+_BITS: dict[int, np.dtype[Any]] = {w: np.dtype(f"<u{w}") for w in (1, 2, 4, 8)}
 
 _STORAGE: dict[DType, np.dtype[Any]] = {
     DType.F64: np.dtype("<f8"),

@@ -15,6 +15,7 @@ manifest is not entirely sound.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -83,7 +84,7 @@ class EntrySpec:
     values: ValuesSpec | None = None
     codec: Codec | None = None
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return numel(self.shape)
 

@@ -29,10 +29,8 @@ below ``N``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +82,8 @@ class RiceStreams:
     """The checked header of a RICE position section and views of its three streams."""
 
     block_log2: int
-    params: npt.NDArray[np.uint8]
+    params: memoryview
+    """One Rice parameter (a byte) per block."""
     unary: memoryview
     remainders: memoryview
     pmax: int
@@ -100,7 +99,7 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
         return np.arange(n, dtype=np.int64)
     if native is not None:
         positions = np.empty(k, dtype=np.int64)
-        with native_errors():
+        try:
             native.rice_decode(
                 streams.unary,
                 streams.params,
@@ -110,18 +109,10 @@ def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray
                 n,
                 positions,
             )
+        except native.DecodeError as exc:  # the message numpy's checks would give
+            raise DiffFormatError(str(exc)) from None
         return positions
     return _decode_rice(streams, k, n)
-
-
-@contextlib.contextmanager
-def native_errors() -> Iterator[None]:
-    """The compiled decoder's errors, as the :class:`DiffFormatError` numpy would raise."""
-    assert native is not None
-    try:
-        yield
-    except native.DecodeError as exc:
-        raise DiffFormatError(str(exc)) from None
 
 
 def rice_streams(section: bytes | memoryview, k: int, n: int) -> RiceStreams | None:
@@ -147,19 +138,21 @@ def rice_streams(section: bytes | memoryview, k: int, n: int) -> RiceStreams | N
     params_end = 10 + nblocks
     if len(buf) < params_end or unary_nbytes > len(buf) - params_end:
         raise DiffFormatError("position section truncated")
-    params = np.frombuffer(buf, dtype=np.uint8, count=nblocks, offset=10)
-    # (One block -- most small entries -- needs no reductions: each costs microseconds.)
-    pmax = int(params[0]) if nblocks == 1 else int(params.max()) if nblocks else 0
+    params = buf[10:params_end]
+    # Per-entry overhead matters (a diff has one entry per tensor): the few parameters of
+    # a typical entry are read by Python, only long runs of them by numpy.
+    if nblocks <= 64:
+        pmax, pmin = (max(params), min(params)) if nblocks else (0, 0)
+        head_sum = sum(params[:-1])
+    else:
+        array = np.frombuffer(params, dtype=np.uint8)
+        pmax, pmin = int(array.max()), int(array.min())
+        head_sum = int(array[:-1].sum(dtype=np.int64))
     if pmax > MAX_RICE_PARAM:
         raise DiffFormatError("Rice parameter above 32")
-    uniform = nblocks <= 1 or int(params.min()) == pmax
+    uniform = pmin == pmax
     # Every block holds `block` gaps but the last, which holds the rest.
-    rem_bits = (
-        pmax * k
-        if uniform
-        else block * int(params[:-1].sum(dtype=np.int64))
-        + int(params[-1]) * (k - (nblocks - 1) * block)
-    )
+    rem_bits = pmax * k if uniform else block * head_sum + params[-1] * (k - (nblocks - 1) * block)
     rem_start = params_end + unary_nbytes
     if len(buf) != rem_start + (rem_bits + 7) // 8:
         need = rem_start + (rem_bits + 7) // 8
@@ -171,7 +164,8 @@ def rice_streams(section: bytes | memoryview, k: int, n: int) -> RiceStreams | N
 
 def _decode_rice(streams: RiceStreams, k: int, n: int) -> npt.NDArray[np.int64]:
     """The numpy decoder: the reference the compiled one is held to."""
-    params, block, pmax = streams.params, 1 << streams.block_log2, streams.pmax
+    params = np.frombuffer(streams.params, dtype=np.uint8)
+    block, pmax = 1 << streams.block_log2, streams.pmax
     # One byte per gap when the blocks' widths differ: k-sized temporaries are what cost.
     widths: npt.NDArray[np.uint8] | int = pmax if streams.uniform else np.repeat(params, block)[:k]
     unary = np.frombuffer(streams.unary, dtype=np.uint8)

@@ -299,3 +299,34 @@ def test_scatter_refuses_bad_positions_before_writing(positions: list[int], kind
     with pytest.raises(IncompatibleModelError, match="not above the previous one"):
         patch_in_place(flat, DType.F32, entry)
     assert flat.tobytes() == np.arange(10, dtype=np.float32).tobytes()
+
+
+@needs_native
+@pytest.mark.parametrize("add", [False, True], ids=["xor", "add"])
+@pytest.mark.parametrize("cut", [1, 2500], ids=["last-position", "late-chunk"])
+def test_a_late_bad_position_puts_back_the_chunks_already_applied(add: bool, cut: int) -> None:
+    # Positions are checked a chunk at a time as they are applied: a position past the
+    # end in a late chunk must undo every chunk before it.
+    assert native is not None
+    entry = _large_entry("exact", DType.F32, "bits")
+    positions = entry.positions
+    n = int(positions[-cut])  # positions[-cut:] are now past the end
+    streams = rice_streams(encode_positions(positions, 40_000, 8), positions.size, 40_000)
+    assert streams is not None
+    target = np.arange(n, dtype=np.float32)
+    values = np.full(positions.size, 3.0, np.float32)
+    with pytest.raises(native.DecodeError, match=f"a position is outside a tensor of {n}"):
+        native.rice_patch(
+            streams.unary,
+            streams.params,
+            streams.block_log2,
+            streams.remainders,
+            positions.size,
+            n,
+            target,
+            values,
+            4,
+            False,
+            add,
+        )
+    assert target.tobytes() == np.arange(n, dtype=np.float32).tobytes()
