@@ -167,6 +167,23 @@ static PyObject *rice_result(int status, uint64_t ones, long long k, long long n
     }
 }
 
+/* One Rice parameter (at most 32) per block of 2**block_log2 gaps; -1 with an exception
+ * set when params does not hold them. */
+static int check_params(const Py_buffer *params, long long k, int block_log2) {
+    int64_t nblocks = k ? ((k - 1) >> block_log2) + 1 : 0;
+    if (params->len < nblocks) {
+        PyErr_SetString(PyExc_ValueError, "params buffer too short");
+        return -1;
+    }
+    for (int64_t b = 0; b < nblocks; b++) {
+        if (((const uint8_t *)params->buf)[b] > 32) {
+            PyErr_SetString(PyExc_ValueError, "Rice parameter above 32");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *py_rice_decode(PyObject *self, PyObject *args) {
     Py_buffer unary, params, rem, out;
     int block_log2;
@@ -179,17 +196,11 @@ static PyObject *py_rice_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad k, n or block size");
         goto done;
     }
-    int64_t nblocks = k ? ((k - 1) >> block_log2) + 1 : 0;
-    if (params.len < nblocks || out.len < k * (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "params or output buffer too short");
+    if (out.len < k * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too short");
         goto done;
     }
-    for (int64_t b = 0; b < nblocks; b++) {
-        if (((const uint8_t *)params.buf)[b] > 32) {
-            PyErr_SetString(PyExc_ValueError, "Rice parameter above 32");
-            goto done;
-        }
-    }
+    if (check_params(&params, k, block_log2) < 0) goto done;
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -421,17 +432,7 @@ static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "rice_patch: mismatched sizes");
         goto done;
     }
-    int64_t nblocks = k ? ((k - 1) >> block_log2) + 1 : 0;
-    if (params.len < nblocks) {
-        PyErr_SetString(PyExc_ValueError, "params buffer too short");
-        goto done;
-    }
-    for (int64_t b = 0; b < nblocks; b++) {
-        if (((const uint8_t *)params.buf)[b] > 32) {
-            PyErr_SetString(PyExc_ValueError, "Rice parameter above 32");
-            goto done;
-        }
-    }
+    if (check_params(&params, k, block_log2) < 0) goto done;
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
