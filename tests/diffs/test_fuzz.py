@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,7 @@ from hypothesis import strategies as st
 from diffs.chain import apply_chain
 from diffs.container import DiffReader
 from diffs.digest import file_digest, model_digest
+from diffs.entries import Entry, HashedEntry, SparseEntry
 from diffs.errors import DiffError, LimitExceededError, ModelFormatError
 from diffs.limits import DecodeLimits
 from diffs.model import ModelFile, load_model, save_model
@@ -261,16 +263,26 @@ def seeds() -> dict[str, bytes]:
     found = dict(fixtures().all_valid())
     for name, codecs in (("sparse", ("zstd", "shuffle")), ("hashed", ("shuffle", "zstd", "raw"))):
         parts = Parts.of(found[name])
+        with DiffReader(found[name]) as reader:
+            values = [_values_of(reader.entry(i)) for i in range(len(reader.specs))]
         for index, codec in enumerate(codecs):
             section = f"e{index}.values"
             if section in parts.sections and codec != "raw":
                 parts.entries[index]["values"]["codec"] = codec
-                raw = np.frombuffer(parts.sections[section], dtype=np.uint8)
-                if codec == "shuffle":  # f16 values: all low bytes, then all high bytes
-                    raw = raw.reshape(-1, 2).T
+                data = values[index]
+                raw = data.view(np.uint8)
+                if codec == "shuffle":  # all first bytes, then all second bytes, ...
+                    raw = raw.reshape(-1, data.dtype.itemsize).T
                 parts.sections[section] = zstd_frame(raw.tobytes())
         found[f"{name}_zstd"] = parts.build()
     return found
+
+
+def _values_of(entry: Entry) -> npt.NDArray[Any]:
+    """The stored values of a sparse or hashed entry, whatever codec held them."""
+    assert isinstance(entry, SparseEntry | HashedEntry)
+    data = entry.values.data if isinstance(entry, SparseEntry) else entry.buckets.data
+    return np.ascontiguousarray(data)
 
 
 SEED_NAMES = ("exact", "sparse", "sparse_i8", "hashed", "sparse_zstd", "hashed_zstd")

@@ -889,6 +889,34 @@ _values_case(
     "shuffle-short", lambda: _sparse_values(zstd_frame(bytes(2 * _sparse_count() - 1)), "shuffle")
 )
 _values_case("zstd-data-short", lambda: _replace_data(zstd_frame(bytes(90)), "zstd", [24]))
+
+
+def _planes(mask: int, raw_bytes: int, frame: bytes = b"") -> bytes:
+    """A ``planes`` section for the f16 values of the sparse fixture: its mask byte,
+    ``raw_bytes`` zero bytes of raw planes, then ``frame``."""
+    return _sparse_values(bytes([mask]) + bytes(raw_bytes) + frame, "planes")
+
+
+_values_case("planes-empty", lambda: _sparse_values(b"", "planes"))
+_values_case("planes-mask-past-width", lambda: _planes(0b100, 2 * _sparse_count()))
+_values_case("planes-raw-short", lambda: _planes(0b11, 2 * _sparse_count() - 1))
+_values_case("planes-raw-long", lambda: _planes(0b11, 2 * _sparse_count() + 1))
+_values_case("planes-frame-missing", lambda: _planes(0b01, _sparse_count()))
+_values_case(
+    "planes-frame-short",
+    lambda: _planes(0b01, _sparse_count(), zstd_frame(bytes(_sparse_count() - 1))),
+)
+_values_case(
+    "planes-frame-long",
+    lambda: _planes(0b10, _sparse_count(), zstd_frame(bytes(_sparse_count() + 1))),
+)
+_values_case(
+    "planes-frame-truncated",
+    lambda: _planes(0b01, _sparse_count(), zstd_frame(bytes(range(256)) * 4)[:-7]),
+)
+_values_case("planes-raw-planes-cut", lambda: _planes(0b01, _sparse_count() - 3))
+_values_case("planes-bomb", lambda: _planes(0b01, _sparse_count(), zstd_bomb()))
+_values_case("planes-bomb-all-packed", lambda: _planes(0, 0, zstd_bomb()))
 _values_case("zstd-bomb-values", lambda: _sparse_values(zstd_bomb(), "zstd"))
 _values_case("zstd-bomb-shuffle", lambda: _sparse_values(zstd_bomb(), "shuffle"))
 _values_case("zstd-bomb-data", lambda: _replace_data(zstd_bomb(), "zstd", [24]))

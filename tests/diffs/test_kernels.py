@@ -193,10 +193,15 @@ def _large_entry(kind: str, dtype: DType, style: str) -> SparseEntry | ExactEntr
     storage = np.dtype(np.float32) if kind == "sparse" else dtype.bits
     if style == "bits":  # incompressible: raw
         data = rng.integers(0, 256, k * storage.itemsize, dtype=np.uint8).view(storage)
-    elif style == "small":  # varied low bytes, constant high ones: shuffle
+    elif style == "small":  # random low bytes, constant high ones: planes
         data = rng.integers(0, 200, k).astype(storage)
         if kind == "sparse":
             data = (rng.standard_normal(k) * 1e-3).astype(np.float32)
+    elif style == "narrow":  # every byte plane compresses: shuffle
+        data = rng.integers(0, 16, k).astype(storage)
+        if kind == "sparse":  # deltas cut to their top 12 bits
+            cut = (rng.standard_normal(k) * 1e-3).astype(np.float32).view(np.uint32)
+            data = (cut & np.uint32(0xFFF00000)).view(np.float32)
     else:  # a short repeating pattern: zstd
         data = np.resize(
             rng.integers(0, 256, 64 * storage.itemsize, dtype=np.uint8), k * storage.itemsize
@@ -228,7 +233,7 @@ def test_direct_apply_widens_other_formats_as_numpy_does(
 
 
 @needs_native
-@pytest.mark.parametrize("style", ["bits", "small", "pattern"])
+@pytest.mark.parametrize("style", ["bits", "small", "narrow", "pattern"])
 @pytest.mark.parametrize(("kind", "dtype"), LARGE_CASES, ids=lambda c: getattr(c, "value", c))
 def test_direct_apply_of_large_entries_gives_the_numpy_bits(
     kind: str, dtype: DType, style: str, monkeypatch: pytest.MonkeyPatch
@@ -239,7 +244,12 @@ def test_direct_apply_of_large_entries_gives_the_numpy_bits(
         spec = reader.specs[0]
         codec = spec.codec if spec.values is None else spec.values.codec
         if dtype.itemsize > 1:  # one-byte values have no planes to shuffle
-            expected = {"bits": Codec.RAW, "small": Codec.SHUFFLE, "pattern": Codec.ZSTD}[style]
+            expected = {
+                "bits": Codec.RAW,
+                "small": Codec.PLANES,
+                "narrow": Codec.SHUFFLE,
+                "pattern": Codec.ZSTD,
+            }[style]
             assert codec is expected, "the case no longer covers the codec it is meant to"
         decoded_entry = reader.entry(0)  # positions by the compiled decoder
         assert isinstance(decoded_entry, SparseEntry | ExactEntry)
@@ -249,7 +259,7 @@ def test_direct_apply_of_large_entries_gives_the_numpy_bits(
         _decoded(reader, decoded, monkeypatch, numpy_only=False)
         _decoded(reader, reference, monkeypatch, numpy_only=True)
     assert direct.tobytes() == decoded.tobytes() == reference.tobytes()
-    assert direct.tobytes() != base.tobytes() or (kind == "exact" and style == "small")
+    assert direct.tobytes() != base.tobytes() or (kind == "exact" and style in ("small", "narrow"))
 
 
 @needs_native

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +42,7 @@ from diffs.errors import DiffFormatError
 from diffs.model import Tensor
 from diffs.positions import decode_positions, encode_positions, position_bound_bits
 from diffs.safetensors_file import numel, sort_key
-from diffs.values import Codec, ValueFormat, Values
+from diffs.values import Codec, ValueFormat, Values, decode_array, encode_array
 from tests.diffs import ALL_DTYPES, FLOAT_DTYPES, assert_same_diff, random_bits_tensor
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -304,12 +305,15 @@ def _codecs(diff: Diff) -> set[Codec]:
     [
         (np.random.default_rng(0).integers(0, 2**16, 500).astype("<u2"), Codec.RAW),
         (np.full(500, 0x3C00, "<u2"), Codec.ZSTD),
-        ((np.random.default_rng(1).standard_normal(2000) * 1e-3).astype("<f4"), Codec.SHUFFLE),
+        # every byte plane compresses: one frame of them all
+        (np.random.default_rng(2).integers(0, 16, 2000).astype("<u2"), Codec.SHUFFLE),
+        # random low bytes stored raw, nearly constant high bytes in the frame
+        ((np.random.default_rng(1).standard_normal(2000) * 1e-3).astype("<f4"), Codec.PLANES),
     ],
-    ids=["raw", "zstd", "shuffle"],
+    ids=["raw", "zstd", "shuffle", "planes"],
 )
 def test_every_codec_round_trips(array: npt.NDArray[Any], codec: Codec) -> None:
-    """The three codecs are each chosen for the data they suit, and each decodes."""
+    """The codecs are each chosen for the data they suit, and each decodes."""
     n = array.size
     positions = np.arange(n, dtype=np.int64)
     if array.dtype == np.dtype("<f4"):
@@ -319,6 +323,42 @@ def test_every_codec_round_trips(array: npt.NDArray[Any], codec: Codec) -> None:
     diff = Diff("sha256:" + "3" * 64, "sha256:" + "4" * 64, [entry])
     assert _codecs(diff) == {codec}
     assert_same_diff(roundtrip(diff), diff)
+
+
+def test_planes_section_stores_random_planes_raw_and_the_rest_in_one_frame() -> None:
+    """The layout of a ``planes`` section, byte for byte but for the frame's own bytes:
+    the mask, then the raw planes in order, then one frame of the other planes in order."""
+    rng = np.random.default_rng(3)
+    count = 3000
+    planes = np.stack(
+        [
+            rng.integers(0, 256, count, dtype=np.uint8),  # random: raw
+            np.full(count, 7, np.uint8),  # constant: packed
+            rng.integers(0, 256, count, dtype=np.uint8),  # random: raw
+            rng.integers(0, 3, count).astype(np.uint8),  # skewed: packed
+        ]
+    )
+    array = np.ascontiguousarray(planes.T).view("<u4").reshape(-1)
+    section = encode_array(array, Codec.PLANES, 19)
+    assert section[0] == 0b0101
+    assert section[1 : 1 + 2 * count] == planes[[0, 2]].tobytes()
+    frame = section[1 + 2 * count :]
+    assert zstandard.ZstdDecompressor().decompress(frame) == planes[[1, 3]].tobytes()
+    assert decode_array(section, Codec.PLANES, np.dtype("<u4"), count).tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("mask", range(16))
+def test_planes_decode_whatever_planes_are_raw(mask: int) -> None:
+    """Readers take any mask a writer might choose, runs of packed planes or not."""
+    rng = np.random.default_rng(mask)
+    count = 257
+    array = rng.integers(0, 2**32, count, dtype=np.uint64).astype("<u4")
+    planes = array.view(np.uint8).reshape(-1, 4).T
+    raw = [j for j in range(4) if mask >> j & 1]
+    packed = [j for j in range(4) if not mask >> j & 1]
+    frame = zstandard.ZstdCompressor().compress(planes[packed].tobytes()) if packed else b""
+    section = bytes([mask]) + planes[raw].tobytes() + frame
+    assert decode_array(section, Codec.PLANES, np.dtype("<u4"), count).tobytes() == array.tobytes()
 
 
 def test_i8_values_keep_their_scale_exactly() -> None:
