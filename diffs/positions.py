@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -77,9 +76,11 @@ def encode_positions(
     return head + params.astype(np.uint8).tobytes() + unary + remainders
 
 
-@dataclass(frozen=True)
-class RiceStreams:
-    """The checked header of a RICE position section and views of its three streams."""
+class RiceStreams(NamedTuple):
+    """The checked header of a RICE position section and views of its three streams.
+
+    (A named tuple: built once per entry a device applies, it costs a fifth of what a
+    frozen dataclass does.)"""
 
     block_log2: int
     params: memoryview
