@@ -192,7 +192,9 @@ static PyObject *py_rice_decode(PyObject *self, PyObject *args) {
                           &out))
         return NULL;
     PyObject *result = NULL;
-    if (k < 0 || n < 0 || k > n || block_log2 < 0 || block_log2 > 62) {
+    /* n fits in 8-byte elements of a buffer: no size below overflows */
+    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
+        block_log2 > 62) {
         PyErr_SetString(PyExc_ValueError, "bad k, n or block size");
         goto done;
     }
@@ -427,8 +429,8 @@ static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     int ok_width = add ? width == 4 : (width == 1 || width == 2 || width == 4 || width == 8);
-    if (k < 0 || n < 0 || k > n || block_log2 < 0 || block_log2 > 62 || !ok_width ||
-        target.len != n * width || values.len != k * width) {
+    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
+        block_log2 > 62 || !ok_width || target.len != n * width || values.len != k * width) {
         PyErr_SetString(PyExc_ValueError, "rice_patch: mismatched sizes");
         goto done;
     }
