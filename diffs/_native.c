@@ -167,9 +167,15 @@ static PyObject *rice_result(int status, uint64_t ones, long long k, long long n
     }
 }
 
-/* One Rice parameter (at most 32) per block of 2**block_log2 gaps; -1 with an exception
- * set when params does not hold them. */
-static int check_params(const Py_buffer *params, long long k, int block_log2) {
+/* 0 <= k <= n, n small enough that n elements of 8 bytes make a buffer size (so no size
+ * computed from them overflows), and one Rice parameter (at most 32) per block of
+ * 2**block_log2 gaps in params; -1 with an exception set otherwise. */
+static int check_streams(long long k, long long n, int block_log2, const Py_buffer *params) {
+    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
+        block_log2 > 62) {
+        PyErr_SetString(PyExc_ValueError, "bad k, n or block size");
+        return -1;
+    }
     int64_t nblocks = k ? ((k - 1) >> block_log2) + 1 : 0;
     if (params->len < nblocks) {
         PyErr_SetString(PyExc_ValueError, "params buffer too short");
@@ -192,17 +198,11 @@ static PyObject *py_rice_decode(PyObject *self, PyObject *args) {
                           &out))
         return NULL;
     PyObject *result = NULL;
-    /* n fits in 8-byte elements of a buffer: no size below overflows */
-    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
-        block_log2 > 62) {
-        PyErr_SetString(PyExc_ValueError, "bad k, n or block size");
-        goto done;
-    }
+    if (check_streams(k, n, block_log2, &params) < 0) goto done;
     if (out.len < k * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_ValueError, "output buffer too short");
         goto done;
     }
-    if (check_params(&params, k, block_log2) < 0) goto done;
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -428,13 +428,12 @@ static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
                           &n, &target, &values, &width, &shuffled, &add))
         return NULL;
     PyObject *result = NULL;
+    if (check_streams(k, n, block_log2, &params) < 0) goto done;
     int ok_width = add ? width == 4 : (width == 1 || width == 2 || width == 4 || width == 8);
-    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
-        block_log2 > 62 || !ok_width || target.len != n * width || values.len != k * width) {
+    if (!ok_width || target.len != n * width || values.len != k * width) {
         PyErr_SetString(PyExc_ValueError, "rice_patch: mismatched sizes");
         goto done;
     }
-    if (check_params(&params, k, block_log2) < 0) goto done;
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
