@@ -30,7 +30,7 @@ from diffs.errors import DiffFormatError
 from diffs.kernels import native
 from diffs.manifest import EntrySpec
 from diffs.positions import rice_streams
-from diffs.values import Codec, ValueFormat, Values, array_bytes, decode_array
+from diffs.values import PLANAR_CODECS, ValueFormat, Values, array_bytes, decode_array
 
 
 def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool:
@@ -74,10 +74,6 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
     return True
 
 
-_PLANAR = (Codec.SHUFFLE, Codec.PLANES)
-"""Codecs whose bytes come out as byte planes, not as whole elements."""
-
-
 def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> tuple[Any, bool]:
     """The bytes the kernel applies, and whether they are shuffled into byte planes: the
     section's own bytes for XOR patterns and f32 deltas; other delta formats widened to
@@ -85,12 +81,12 @@ def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> tupl
     if spec.kind == "exact":
         assert spec.codec is not None
         raw = array_bytes(reader.section(index, "xor"), spec.codec, spec.count, width)
-        return raw, spec.codec in _PLANAR
+        return raw, spec.codec in PLANAR_CODECS
     vs = spec.values
     assert vs is not None
     if vs.format is ValueFormat.F32:
         raw = array_bytes(reader.section(index, "values"), vs.codec, spec.count, width)
-        return raw, vs.codec in _PLANAR
+        return raw, vs.codec in PLANAR_CODECS
     data = decode_array(reader.section(index, "values"), vs.codec, vs.format.storage, spec.count)
     with np.errstate(over="ignore", invalid="ignore"):  # i8 times scale may overflow: defined
         widened = Values(vs.format, data, vs.scale).widened()

@@ -77,6 +77,11 @@ class Codec(enum.Enum):
     PLANES = "planes"
 
 
+PLANAR_CODECS = (Codec.SHUFFLE, Codec.PLANES)
+"""Codecs whose bytes decode to byte planes (all first bytes, then all second bytes, ...),
+not to whole elements."""
+
+
 @dataclass(frozen=True)
 class Values:
     """Deltas in one :class:`ValueFormat` (``scale`` only for ``i8``)."""
@@ -175,7 +180,7 @@ def decode_array(
 ) -> npt.NDArray[Any]:
     """Decode ``count`` elements of ``dtype``; the caller has capped ``count`` already."""
     raw = array_bytes(section, codec, count, dtype.itemsize)
-    if codec in (Codec.SHUFFLE, Codec.PLANES):
+    if codec in PLANAR_CODECS:
         return _unshuffle(np.frombuffer(raw, dtype=np.uint8), dtype, count)
     return np.frombuffer(raw, dtype=dtype, count=count)
 
