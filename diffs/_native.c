@@ -283,14 +283,21 @@ done:
     return result;
 }
 
-/* Element idx of k values of W bytes: interleaved, or (SHUF) as W byte planes of k bytes. */
-#define VALUE(T, W, SHUF, values, k, idx, v)                                          \
+/* Where an entry's values are: whole elements of `width` bytes one after another
+ * (interleaved), or byte planes -- plane b holds byte b of every element, k bytes in all. */
+typedef struct {
+    const uint8_t *interleaved; /* NULL for planes */
+    const uint8_t *plane[8];
+} Values;
+
+/* Element idx, of W bytes: from its planes when SHUF, else from the interleaved bytes. */
+#define VALUE(T, W, SHUF, vals, idx, v)                                               \
     do {                                                                              \
         if (SHUF) {                                                                   \
             v = 0;                                                                    \
-            for (int b = 0; b < (W); b++) v |= (T)((T)(values)[b * (k) + (idx)] << (8 * b)); \
+            for (int b = 0; b < (W); b++) v |= (T)((T)(vals)->plane[b][idx] << (8 * b)); \
         } else {                                                                      \
-            memcpy(&v, (values) + (idx) * (W), (W));                                  \
+            memcpy(&v, (vals)->interleaved + (idx) * (W), (W));                       \
         }                                                                             \
     } while (0)
 
@@ -299,7 +306,7 @@ done:
         T *t = (T *)target;                                                           \
         for (int64_t j = 0; j < count; j++) {                                         \
             T v;                                                                      \
-            VALUE(T, W, SHUF, values, k, first + j, v);                               \
+            VALUE(T, W, SHUF, vals, first + j, v);                                    \
             t[pos[j]] ^= v;                                                           \
         }                                                                             \
     } while (0)
@@ -310,22 +317,22 @@ done:
         for (int64_t j = 0; j < count; j++) {                                         \
             uint32_t v;                                                               \
             float d;                                                                  \
-            VALUE(uint32_t, 4, SHUF, values, k, first + j, v);                        \
+            VALUE(uint32_t, 4, SHUF, vals, first + j, v);                             \
             memcpy(&d, &v, 4);                                                        \
             t[pos[j]] = t[pos[j]] + d; /* binary32, round to nearest even */          \
         }                                                                             \
     } while (0)
 
-/* Apply values first .. first + count - 1 (of k) at the decoded positions pos. */
-static void apply_chunk(uint8_t *target, const int64_t *pos, int64_t count,
-                        const uint8_t *values, int64_t k, int64_t first, int width,
-                        int shuffled, int add) {
+/* Apply values first .. first + count - 1 at the decoded positions pos. */
+static void apply_chunk(uint8_t *target, const int64_t *pos, int64_t count, const Values *vals,
+                        int64_t first, int width, int add) {
+    int planes = vals->interleaved == NULL;
     if (add) {
-        if (shuffled) ADD_CHUNK(1);
+        if (planes) ADD_CHUNK(1);
         else ADD_CHUNK(0);
         return;
     }
-    switch (width * 2 + shuffled) {
+    switch (width * 2 + planes) {
     case 2: case 3: XOR_CHUNK(uint8_t, 1, 0); break;
     case 4: XOR_CHUNK(uint16_t, 2, 0); break;
     case 5: XOR_CHUNK(uint16_t, 2, 1); break;
@@ -357,6 +364,106 @@ static void keep_chunk(uint8_t *target, const int64_t *pos, int64_t count, int w
     }
 }
 
+/* The three streams of a RICE position section (layout in diffs/positions.py). */
+typedef struct {
+    const uint8_t *unary, *params, *rem;
+    Py_ssize_t unary_len, rem_len;
+    int block_log2;
+} Streams;
+
+/* Check a position section's header and stream lengths for k positions, as
+ * diffs.positions.rice_streams does, with its messages: 1 and the streams in *out for a
+ * RICE section; 0 for an ALL section (left to the Python code); -1 with DecodeError set. */
+static int parse_section(const uint8_t *buf, Py_ssize_t len, int64_t k, Streams *out) {
+    if (len < 1) {
+        PyErr_SetString(DecodeError, "position section is empty");
+        return -1;
+    }
+    if (buf[0] == 1) return 0;
+    if (buf[0] != 0) {
+        PyErr_Format(DecodeError, "unknown position coding mode %d", (int)buf[0]);
+        return -1;
+    }
+    if (len < 10) {
+        PyErr_SetString(DecodeError, "position section truncated in its header");
+        return -1;
+    }
+    int block_log2 = buf[1];
+    uint64_t unary_nbytes;
+    memcpy(&unary_nbytes, buf + 2, 8);
+    if (block_log2 < 8 || block_log2 > 20) {
+        PyErr_Format(DecodeError, "position block size 2**%d out of range", block_log2);
+        return -1;
+    }
+    uint64_t block = UINT64_C(1) << block_log2;
+    uint64_t nblocks = k ? ((uint64_t)k - 1) / block + 1 : 0;
+    uint64_t params_end = 10 + nblocks;
+    if ((uint64_t)len < params_end || unary_nbytes > (uint64_t)len - params_end) {
+        PyErr_SetString(DecodeError, "position section truncated");
+        return -1;
+    }
+    const uint8_t *params = buf + 10;
+    unsigned pmax = 0, pmin = nblocks ? 255 : 0;
+    uint64_t head_sum = 0;
+    for (uint64_t b = 0; b < nblocks; b++) {
+        unsigned r = params[b];
+        pmax = r > pmax ? r : pmax;
+        pmin = r < pmin ? r : pmin;
+        if (b + 1 < nblocks) head_sum += r;
+    }
+    if (pmax > 32) {
+        PyErr_SetString(DecodeError, "Rice parameter above 32");
+        return -1;
+    }
+    /* Every block holds `block` gaps but the last, which holds the rest. */
+    uint64_t rem_bits = pmin == pmax ? (uint64_t)pmax * (uint64_t)k
+                                     : block * head_sum + (uint64_t)params[nblocks - 1] *
+                                                              ((uint64_t)k - (nblocks - 1) * block);
+    uint64_t rem_start = params_end + unary_nbytes;
+    uint64_t need = rem_start + (rem_bits + 7) / 8;
+    if ((uint64_t)len != need) {
+        PyErr_Format(DecodeError, "position section is %zd bytes, its streams need %llu", len,
+                     (unsigned long long)need);
+        return -1;
+    }
+    out->params = params;
+    out->block_log2 = block_log2;
+    out->unary = buf + params_end;
+    out->unary_len = (Py_ssize_t)unary_nbytes;
+    out->rem = buf + rem_start;
+    out->rem_len = len - (Py_ssize_t)rem_start;
+    return 1;
+}
+
+/* Where the values of an entry of k elements of `width` bytes are. mask < 0: interleaved,
+ * in raw. Else byte planes: plane b is the next plane of raw when bit b of mask is set,
+ * else the next plane of packed. -1 with ValueError set when the buffers do not fit. */
+static int values_layout(Values *v, const Py_buffer *raw, const Py_buffer *packed, int mask,
+                         int width, int64_t k) {
+    memset(v, 0, sizeof *v);
+    const uint8_t *r = raw->buf, *p = packed->buf;
+    int nraw = mask < 0 ? width : __builtin_popcount((unsigned)mask);
+    if ((mask >= 0 && mask >> width) || raw->len != nraw * k || packed->len != (width - nraw) * k) {
+        PyErr_SetString(PyExc_ValueError, "values do not fit their layout");
+        return -1;
+    }
+    if (mask < 0) {
+        v->interleaved = r;
+        return 0;
+    }
+    for (int b = 0; b < width; b++) {
+        if (mask >> b & 1) {
+            v->plane[b] = r;
+            r += k;
+        } else {
+            v->plane[b] = p;
+            p += k;
+        }
+    }
+    if (width == 1) v->interleaved = v->plane[0]; /* one plane is the elements themselves */
+    return 0;
+}
+
 /*
  * Decode and apply in one pass over the streams. Each chunk of positions is checked
  * before it is written, and the elements it overwrites are kept: when a later chunk
@@ -364,26 +471,25 @@ static void keep_chunk(uint8_t *target, const int64_t *pos, int64_t count, int w
  * entry leaves the target as it was. (Without memory to keep them in, every stream is
  * checked in a first pass instead.) Errors are those rice_decode reports, in its order.
  */
-static int rice_patch(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t *params,
-                      int block_log2, const uint8_t *rem, Py_ssize_t rem_len, int64_t k,
-                      int64_t n, uint8_t *target, const uint8_t *values, int width,
-                      int shuffled, int add, uint64_t *ones_found) {
-    uint64_t ones = count_ones(unary, unary_len);
+static int rice_patch(const Streams *st, int64_t k, int64_t n, uint8_t *target,
+                      const Values *vals, int width, int add, uint64_t *ones_found) {
+    uint64_t ones = count_ones(st->unary, st->unary_len);
     if (ones != (uint64_t)k) {
         *ones_found = ones;
         return RICE_COUNT;
     }
     uint8_t *kept = k ? malloc((size_t)k * (size_t)width) : NULL;
     if (k && kept == NULL) {
-        int status = rice_decode(unary, unary_len, params, block_log2, rem, rem_len, k, n, NULL,
-                                 ones_found);
+        int status = rice_decode(st->unary, st->unary_len, st->params, st->block_log2, st->rem,
+                                 st->rem_len, k, n, NULL, ones_found);
         if (status != RICE_OK) return status;
     }
     Rice s;
     int64_t pos[CHUNK];
     int64_t first = 0;
     int status = RICE_OK;
-    rice_start(&s, unary, unary_len, params, block_log2, rem, rem_len, n);
+    rice_start(&s, st->unary, st->unary_len, st->params, st->block_log2, st->rem, st->rem_len,
+               n);
     for (; first < k; first += CHUNK) {
         int64_t count = k - first < CHUNK ? k - first : CHUNK;
         if (rice_next(&s, count, pos, target, width) != RICE_OK) {
@@ -403,10 +509,11 @@ static int rice_patch(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t 
             break;
         }
         if (kept != NULL) keep_chunk(target, pos, count, width, kept + first * width, 0);
-        apply_chunk(target, pos, count, values, k, first, width, shuffled, add);
+        apply_chunk(target, pos, count, vals, first, width, add);
     }
     if (status != RICE_OK && kept != NULL) { /* put back the chunks before `first` */
-        rice_start(&s, unary, unary_len, params, block_log2, rem, rem_len, n);
+        rice_start(&s, st->unary, st->unary_len, st->params, st->block_log2, st->rem,
+                   st->rem_len, n);
         for (int64_t done = 0; done < first; done += CHUNK) {
             int64_t count = first - done < CHUNK ? first - done : CHUNK;
             rice_next(&s, count, pos, NULL, 0);
@@ -417,36 +524,47 @@ static int rice_patch(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t 
     return status;
 }
 
-/* rice_patch(unary, params, block_log2, remainders, k, n, target, values, width,
- *            shuffled, add): decode and apply in one go, never holding the k positions;
- * bad streams raise DecodeError and leave the target as it was. */
-static PyObject *py_rice_patch(PyObject *self, PyObject *args) {
-    Py_buffer unary, params, rem, target, values;
-    int block_log2, width, shuffled, add;
+/* patch_section(section, k, n, target, raw, packed, mask, width, add): decode the position
+ * section of an entry and apply its values there in one go (XOR, or binary32 addition when
+ * add), never holding the k positions. False, with nothing done, for an ALL section; bad
+ * streams raise DecodeError and leave the target as it was. */
+static PyObject *py_patch_section(PyObject *self, PyObject *args) {
+    Py_buffer section, target, raw, packed;
+    int mask, width, add;
     long long k, n;
-    if (!PyArg_ParseTuple(args, "y*y*iy*LLw*y*ipp", &unary, &params, &block_log2, &rem, &k,
-                          &n, &target, &values, &width, &shuffled, &add))
+    if (!PyArg_ParseTuple(args, "y*LLw*y*y*iip", &section, &k, &n, &target, &raw, &packed,
+                          &mask, &width, &add))
         return NULL;
     PyObject *result = NULL;
-    if (check_streams(k, n, block_log2, &params) < 0) goto done;
     int ok_width = add ? width == 4 : (width == 1 || width == 2 || width == 4 || width == 8);
-    if (!ok_width || target.len != n * width || values.len != k * width) {
-        PyErr_SetString(PyExc_ValueError, "rice_patch: mismatched sizes");
+    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || !ok_width ||
+        target.len != n * width) {
+        PyErr_SetString(PyExc_ValueError, "patch_section: bad k, n, width or target size");
+        goto done;
+    }
+    Values vals;
+    Streams st;
+    if (values_layout(&vals, &raw, &packed, mask, width, k) < 0) goto done;
+    int rice = parse_section(section.buf, section.len, k, &st);
+    if (rice <= 0) {
+        if (rice == 0) result = Py_NewRef(Py_False);
         goto done;
     }
     uint64_t ones = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = rice_patch(unary.buf, unary.len, params.buf, block_log2, rem.buf, rem.len, k, n,
-                        target.buf, values.buf, width, shuffled, add, &ones);
+    status = rice_patch(&st, k, n, target.buf, &vals, width, add, &ones);
     Py_END_ALLOW_THREADS
     result = rice_result(status, ones, k, n);
+    if (result != NULL) {
+        Py_DECREF(result);
+        result = Py_NewRef(Py_True);
+    }
 done:
-    PyBuffer_Release(&unary);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&rem);
+    PyBuffer_Release(&section);
     PyBuffer_Release(&target);
-    PyBuffer_Release(&values);
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&packed);
     return result;
 }
 
@@ -460,11 +578,13 @@ static PyMethodDef methods[] = {
     {"rice_decode", py_rice_decode, METH_VARARGS,
      "rice_decode(unary, params, block_log2, remainders, k, n, out)\n\n"
      "Decode k Rice-coded gaps into the int64 buffer out; raise DecodeError on bad streams."},
-    {"rice_patch", py_rice_patch, METH_VARARGS,
-     "rice_patch(unary, params, block_log2, remainders, k, n, target, values, width, "
-     "shuffled, add)\n\n"
-     "Decode k Rice-coded positions and apply values there (XOR, or binary32 addition when "
-     "add), never holding the positions; raise DecodeError, writing nothing, on bad streams."},
+    {"patch_section", py_patch_section, METH_VARARGS,
+     "patch_section(section, k, n, target, raw, packed, mask, width, add)\n\n"
+     "Decode a position section of k positions below n and apply values there (XOR, or "
+     "binary32 addition when add), never holding the positions. Values: interleaved in raw "
+     "(mask -1), or byte planes, plane b the next of raw where bit b of mask is set, else "
+     "the next of packed. False, doing nothing, for an ALL section; raise DecodeError, "
+     "writing nothing, on bad streams."},
     {"xor_scatter", py_xor_scatter, METH_VARARGS,
      "xor_scatter(target, positions, values, width)\n\n"
      "target[p[i]] ^= values[i] for width-byte unsigned elements; positions strictly increasing."},

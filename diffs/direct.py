@@ -4,9 +4,11 @@ What a device does most is patch such entries into the tensors of a model file. 
 an entry first (:meth:`diffs.container.DiffReader.entry`) builds ``k`` int64 positions
 and ``k`` values in memory, then scatters them: three passes over memory and two
 ``k``-sized buffers whose fresh pages the kernel must fault in. The compiled kernel
-``rice_patch`` instead decodes positions a thousand at a time into a small buffer
-(prefetching the cache line each will write) and applies each value from the section's
-bytes (or byte planes) as it goes.
+``patch_section`` instead reads the position section's header itself, decodes positions
+a thousand at a time into a small buffer (prefetching the cache line each will write)
+and applies each value from the section's decompressed bytes, or from its byte planes
+where they lie (:func:`diffs.values.array_parts`: no copy puts them in order), as it
+goes.
 
 It covers exact entries (XOR, any dtype) and sparse entries of F32 tensors (f32 deltas
 applied from the section's bytes; f16, bf16 and i8 deltas widened to binary32 by numpy
@@ -29,8 +31,10 @@ from diffs.dtypes import DType
 from diffs.errors import DiffFormatError
 from diffs.kernels import native
 from diffs.manifest import EntrySpec
-from diffs.positions import rice_streams
-from diffs.values import PLANAR_CODECS, ValueFormat, Values, array_bytes, decode_array
+from diffs.positions import MODE_ALL
+from diffs.values import ArrayParts, ValueFormat, Values, array_parts, decode_array
+
+_ALL = bytes([MODE_ALL])
 
 
 def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool:
@@ -44,50 +48,49 @@ def patch_direct(reader: DiffReader, index: int, flat: npt.NDArray[Any]) -> bool
         return False
     spec = reader.specs[index]
     if spec.kind == "exact" and spec.codec is not None:
-        target, add = flat.view(spec.dtype.bits), False
+        add = False
     elif spec.kind == "sparse" and spec.dtype is DType.F32 and spec.values is not None:
-        target, add = flat.view(np.float32), True
+        add = True
     else:
         return False
-    if target.size != spec.numel:
+    width = spec.dtype.itemsize
+    if flat.nbytes != spec.numel * width:
         return False
-    streams = rice_streams(reader.section(index, "positions"), spec.count, spec.numel)
-    if streams is None:  # every position: nothing to decode, the decoded path is as fast
+    positions = reader.section(index, "positions")
+    if positions[:1] == _ALL:  # every position: nothing to decode, the decoded path is as fast
         return False
-    values, shuffled = _values(reader, index, spec, target.itemsize)
+    values = _values(reader, index, spec, width)
     try:
-        native.rice_patch(
-            streams.unary,
-            streams.params,
-            streams.block_log2,
-            streams.remainders,
+        # The kernel reads the position section's header itself: parsing it in Python
+        # costs more than decoding a small entry.
+        done: bool = native.patch_section(
+            positions,
             spec.count,
             spec.numel,
-            target,
-            values,
-            target.itemsize,
-            shuffled,
+            flat,
+            values.raw,
+            values.packed,
+            values.mask,
+            width,
             add,
         )
     except native.DecodeError as exc:
         raise DiffFormatError(str(exc)) from None
-    return True
+    return done
 
 
-def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> tuple[Any, bool]:
-    """The bytes the kernel applies, and whether they are shuffled into byte planes: the
-    section's own bytes for XOR patterns and f32 deltas; other delta formats widened to
-    binary32 first, by the numpy code that defines them."""
+def _values(reader: DiffReader, index: int, spec: EntrySpec, width: int) -> ArrayParts:
+    """The bytes the kernel applies: the section's own (decompressed) bytes for XOR
+    patterns and f32 deltas; other delta formats widened to binary32 first, by the numpy
+    code that defines them."""
     if spec.kind == "exact":
         assert spec.codec is not None
-        raw = array_bytes(reader.section(index, "xor"), spec.codec, spec.count, width)
-        return raw, spec.codec in PLANAR_CODECS
+        return array_parts(reader.section(index, "xor"), spec.codec, spec.count, width)
     vs = spec.values
     assert vs is not None
     if vs.format is ValueFormat.F32:
-        raw = array_bytes(reader.section(index, "values"), vs.codec, spec.count, width)
-        return raw, vs.codec in PLANAR_CODECS
+        return array_parts(reader.section(index, "values"), vs.codec, spec.count, width)
     data = decode_array(reader.section(index, "values"), vs.codec, vs.format.storage, spec.count)
     with np.errstate(over="ignore", invalid="ignore"):  # i8 times scale may overflow: defined
         widened = Values(vs.format, data, vs.scale).widened()
-    return np.ascontiguousarray(widened, dtype=np.float32), False
+    return ArrayParts(-1, np.ascontiguousarray(widened, dtype=np.float32).data, b"")

@@ -37,7 +37,7 @@ import functools
 import io
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -190,18 +190,41 @@ def array_bytes(
 ) -> bytes | memoryview | bytearray:
     """The ``count * width`` bytes a section of ``count`` elements of ``width`` bytes
     holds, decompressed but, for ``shuffle`` and ``planes``, still as byte planes."""
+    parts = array_parts(section, codec, count, width)
+    if parts.mask <= 0:  # interleaved, or every plane in one buffer
+        return parts.packed if parts.mask == 0 else parts.raw
+    if not parts.packed:  # every plane raw, in order
+        return parts.raw
+    out = bytearray(width * count)
+    raw, packed = _plane_split(parts.mask, width)
+    with memoryview(parts.raw) as raw_planes, memoryview(parts.packed) as packed_planes:
+        for planes, order in ((raw_planes, raw), (packed_planes, packed)):
+            for i, j in enumerate(order):
+                out[j * count : (j + 1) * count] = planes[i * count : (i + 1) * count]
+    return out
+
+
+class ArrayParts(NamedTuple):
+    """A section's bytes, decompressed, in the layout they are stored in. ``mask`` -1:
+    whole elements, in ``raw``. Else byte planes: plane ``j`` is the next plane of ``raw``
+    where bit ``j`` of ``mask`` is set, else the next plane of ``packed``."""
+
+    mask: int
+    raw: bytes | memoryview | bytearray
+    packed: bytes | memoryview | bytearray
+
+
+def array_parts(section: bytes | memoryview, codec: Codec, count: int, width: int) -> ArrayParts:
+    """The parts of a section of ``count`` elements of ``width`` bytes (what the compiled
+    kernel applies, with no copy to put the planes in order). Every length is checked."""
     expected = count * width
     if codec is Codec.RAW:
         if len(section) != expected:
             raise DiffFormatError(f"raw array is {len(section)} bytes, expected {expected}")
-        return section
-    if codec is Codec.PLANES:
-        return _planes_bytes(section, count, width)
-    return _bounded_decompress(section, expected)
-
-
-def _planes_bytes(section: bytes | memoryview, count: int, width: int) -> bytearray:
-    """The byte planes of a ``planes`` section, in order, as one buffer."""
+        return ArrayParts(-1, section, b"")
+    if codec is not Codec.PLANES:
+        data = _bounded_decompress(section, expected)
+        return ArrayParts(0, b"", data) if codec is Codec.SHUFFLE else ArrayParts(-1, data, b"")
     buf = memoryview(section).cast("B")
     if len(buf) < 1:
         raise DiffFormatError("planes section is empty")
@@ -212,21 +235,13 @@ def _planes_bytes(section: bytes | memoryview, count: int, width: int) -> bytear
     raw_end = 1 + len(raw) * count
     if len(buf) < raw_end:
         raise DiffFormatError(f"planes section is {len(buf)} bytes, its raw planes need {raw_end}")
-    out = bytearray(width * count)
-    for i, j in enumerate(raw):
-        out[j * count : (j + 1) * count] = buf[1 + i * count : 1 + (i + 1) * count]
-    if not packed:
-        if len(buf) != raw_end:
-            raise DiffFormatError(f"planes section has {len(buf) - raw_end} bytes after its planes")
-        return out
-    data = _bounded_decompress(buf[raw_end:], len(packed) * count)
-    if packed[-1] - packed[0] == len(packed) - 1:  # one run of planes (the usual high bytes)
-        out[packed[0] * count : (packed[-1] + 1) * count] = data
+    if packed:
+        data = _bounded_decompress(buf[raw_end:], len(packed) * count)
+    elif len(buf) != raw_end:
+        raise DiffFormatError(f"planes section has {len(buf) - raw_end} bytes after its planes")
     else:
-        with memoryview(data) as planes:
-            for i, j in enumerate(packed):
-                out[j * count : (j + 1) * count] = planes[i * count : (i + 1) * count]
-    return out
+        data = b""
+    return ArrayParts(mask, buf[1:raw_end], data)
 
 
 @functools.cache

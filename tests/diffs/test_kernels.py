@@ -88,10 +88,9 @@ def test_decode_gives_the_numpy_positions(data: st.DataObject, n: int, block_log
     assert ours == reference == ("ok", positions.tobytes())
 
 
-@needs_native
-@SETTINGS
-@given(st.data(), st.integers(1, 3000))
-def test_decode_agrees_with_numpy_on_mutated_sections(data: st.DataObject, n: int) -> None:
+def _mutated_section(data: st.DataObject, n: int) -> tuple[bytes, int, int]:
+    """A position section for ``n`` elements, mutated, with the ``k`` and ``n`` to read
+    it with (each perhaps off by a little)."""
     positions = data.draw(position_sets(n))
     section = bytearray(encode_positions(positions, n, data.draw(st.sampled_from([8, 12]))))
     k = positions.size
@@ -107,9 +106,39 @@ def test_decode_agrees_with_numpy_on_mutated_sections(data: st.DataObject, n: in
         else:
             section += bytes(data.draw(st.binary(min_size=1, max_size=9)))
     k = max(0, min(n, k + data.draw(st.integers(-2, 2))))
-    n_read = max(k, n + data.draw(st.integers(-3, 3)))
-    ours, reference = _both(bytes(section), k, n_read)
+    return bytes(section), k, max(k, n + data.draw(st.integers(-3, 3)))
+
+
+@needs_native
+@SETTINGS
+@given(st.data(), st.integers(1, 3000))
+def test_decode_agrees_with_numpy_on_mutated_sections(data: st.DataObject, n: int) -> None:
+    ours, reference = _both(*_mutated_section(data, n))
     assert ours == reference
+
+
+@needs_native
+@SETTINGS
+@given(st.data(), st.integers(1, 3000))
+def test_patch_reads_mutated_sections_as_numpy_does(data: st.DataObject, n: int) -> None:
+    # patch_section parses the section's header in C: the same verdict and message as
+    # the numpy decoder, the same positions written, and nothing written on an error.
+    section, k, n_read = _mutated_section(data, n)
+    base = np.arange(n_read, dtype=np.uint32)
+    target = base.copy()
+    values = np.arange(1, k + 1, dtype=np.uint32) << np.uint32(8)
+    outcome: tuple[str, bytes | str]
+    try:
+        done = native.patch_section(section, k, n_read, target, values, b"", -1, 4, False)
+    except native.DecodeError as exc:
+        outcome = "error", str(exc)
+        assert target.tobytes() == base.tobytes()
+    else:
+        if not done:  # an ALL section: left to the Python code
+            assert section[:1] == b"\x01" and target.tobytes() == base.tobytes()
+            return
+        outcome = "ok", np.flatnonzero(target != base).astype(np.int64).tobytes()
+    assert outcome == _both(section, k, n_read)[1]
 
 
 @needs_native
@@ -321,22 +350,9 @@ def test_a_late_bad_position_puts_back_the_chunks_already_applied(add: bool, cut
     entry = _large_entry("exact", DType.F32, "bits")
     positions = entry.positions
     n = int(positions[-cut])  # positions[-cut:] are now past the end
-    streams = rice_streams(encode_positions(positions, 40_000, 8), positions.size, 40_000)
-    assert streams is not None
+    section = encode_positions(positions, 40_000, 8)
     target = np.arange(n, dtype=np.float32)
     values = np.full(positions.size, 3.0, np.float32)
     with pytest.raises(native.DecodeError, match=f"a position is outside a tensor of {n}"):
-        native.rice_patch(
-            streams.unary,
-            streams.params,
-            streams.block_log2,
-            streams.remainders,
-            positions.size,
-            n,
-            target,
-            values,
-            4,
-            False,
-            add,
-        )
+        native.patch_section(section, positions.size, n, target, values, b"", -1, 4, add)
     assert target.tobytes() == np.arange(n, dtype=np.float32).tobytes()
