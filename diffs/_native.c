@@ -149,6 +149,14 @@ static int rice_decode(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t
 
 static PyObject *DecodeError;
 
+/* Whether rice_patch prefetches each cache line it will write as it decodes the position
+ * (measured with bench/diff_codec.py right after copying a model, lines in DRAM). On AMD
+ * Zen the prefetches start the misses early and the apply runs about three times faster
+ * than without them. On Intel cores the same prefetches stall the decoding loop once the
+ * line fill buffers are full, and the loop that reads the old values gets as many misses
+ * in flight by itself: without them the kernel is about a sixth faster. */
+static int prefetch_while_decoding = 1;
+
 /* None, or the DecodeError that a rice_decode status stands for. */
 static PyObject *rice_result(int status, uint64_t ones, long long k, long long n) {
     switch (status) {
@@ -492,7 +500,8 @@ static int rice_patch(const Streams *st, int64_t k, int64_t n, uint8_t *target,
                n);
     for (; first < k; first += CHUNK) {
         int64_t count = k - first < CHUNK ? k - first : CHUNK;
-        if (rice_next(&s, count, pos, target, width) != RICE_OK) {
+        if (rice_next(&s, count, pos, prefetch_while_decoding ? target : NULL, width) !=
+            RICE_OK) {
             status = RICE_GAP;
             break;
         }
@@ -601,6 +610,14 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    prefetch_while_decoding = !__builtin_cpu_is("intel");
+#endif
+    if (PyModule_AddIntConstant(m, "PREFETCH_WHILE_DECODING", prefetch_while_decoding) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     DecodeError = PyErr_NewException("diffs._native.DecodeError", PyExc_ValueError, NULL);
     if (DecodeError == NULL || PyModule_AddObjectRef(m, "DecodeError", DecodeError) < 0) {
         Py_DECREF(m);

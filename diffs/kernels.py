@@ -33,3 +33,15 @@ native: ModuleType | None = _load()
 def backend() -> str:
     """``"native"`` or ``"numpy"``: which code decodes and scatters in this process."""
     return "native" if native is not None else "numpy"
+
+
+def describe() -> str:
+    """One line for people: the code in use and, for the compiled kernels, how they
+    prefetch the cache lines they will write (chosen by CPU vendor when loaded)."""
+    if native is None:
+        off = os.environ.get("DIFFCAST_NATIVE") == "0"
+        return "numpy (compiled kernels " + (
+            "turned off by DIFFCAST_NATIVE=0)" if off else "not built)"
+        )
+    how = "as each position is decoded" if native.PREFETCH_WHILE_DECODING else "by the CPU alone"
+    return f"native (compiled; cache lines to write prefetched {how})"

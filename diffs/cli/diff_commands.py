@@ -1,4 +1,5 @@
-"""``diffcast diff``: make, apply, compose, inspect and verify model diffs."""
+"""``diffcast diff``: make, apply, compose, inspect and verify model diffs (and say
+which kernels run)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from diffs.container import DiffReader, EncodeOptions, write_diff
 from diffs.describe import summarize
 from diffs.digest import file_digest
 from diffs.errors import DiffError, DigestMismatchError
+from diffs.kernels import describe
 from diffs.make import ApproxReport, make_exact, make_hashed, make_sparse
 from diffs.model import ModelFile
 from diffs.patch_file import apply_to_file, open_chain
@@ -273,6 +275,12 @@ def verify(
                 out.print(f"{escape(str(path))}: reaches {reader.target_digest} [green]ok[/green]")
 
     _run(action)
+
+
+@app.command()
+def kernels() -> None:
+    """Say which code decodes and applies diffs here: the compiled kernels or numpy."""
+    out.print(describe())
 
 
 def _mount_extensions() -> None:

@@ -56,6 +56,23 @@ def test_the_environment_can_turn_them_off() -> None:
     assert out.stdout.strip() == "numpy"
 
 
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "numpy"])
+def test_the_cli_says_which_code_runs(native_on: bool) -> None:
+    env = {**os.environ, "DIFFCAST_NATIVE": "1" if native_on else "0", "COLUMNS": "200"}
+    diffcast = os.path.join(os.path.dirname(sys.executable), "diffcast")
+    out = subprocess.run(
+        [diffcast, "diff", "kernels"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not native_on or native is None:
+        assert out.startswith("numpy (compiled kernels ")
+        return
+    # The prefetch is chosen by CPU vendor when the module loads (see diffs/_native.c).
+    with open("/proc/cpuinfo") as cpuinfo:
+        intel = "GenuineIntel" in cpuinfo.read()
+    how = "by the CPU alone" if intel else "as each position is decoded"
+    assert out == f"native (compiled; cache lines to write prefetched {how})"
+
+
 # ---------------------------------------------------------------------------------------
 # position decoding
 
