@@ -79,45 +79,63 @@ static void rice_start(Rice *s, const uint8_t *unary, Py_ssize_t unary_len,
 
 /* The next count positions into out. The unary stream must hold at least that many more
  * one bits (the caller counted them). Returns RICE_GAP on a quotient too large for the
- * tensor, else RICE_OK (a position past the end only sets past_end). */
+ * tensor, else RICE_OK (a position past the end only sets past_end).
+ *
+ * The gaps of a block share one Rice parameter, so the loop runs a block at a time with
+ * the parameter's mask and quotient limit hoisted; a remainder is read with one unaligned
+ * 8-byte load, bounds-checked only near the end of its stream. */
 static int rice_next(Rice *s, int64_t count, int64_t *out, const uint8_t *prefetch,
                      int width) {
     uint64_t bit = s->bit, rem_bit = s->rem_bit, pos = s->pos, word = s->word;
+    const uint64_t limit = s->limit;
+    const uint8_t *rem = s->rem;
+    /* remainders starting below this byte can be loaded 8 bytes at a time unchecked */
+    const uint64_t safe = s->rem_end - rem >= 8 ? (uint64_t)(s->rem_end - rem) - 8 : 0;
     Py_ssize_t word_index = s->word_index;
-    int64_t i0 = s->i;
-    int status = RICE_OK;
-    for (int64_t j = 0; j < count; j++) {
-        while (word == 0) {
-            word_index += 8;
-            word = load_le64(s->unary + word_index, s->unary_end);
-        }
-        uint64_t one = (uint64_t)word_index * 8 + (uint64_t)__builtin_ctzll(word);
-        word &= word - 1;
-        uint64_t q = one - bit;
-        bit = one + 1;
-        unsigned r = s->params[(i0 + j) >> s->block_log2];
-        if (q > (s->limit >> r)) {
-            status = RICE_GAP;
-            break;
-        }
-        uint64_t low = 0;
-        if (r) {
-            low = (load_le64(s->rem + (rem_bit >> 3), s->rem_end) >> (rem_bit & 7)) &
-                  ((UINT64_C(1) << r) - 1);
+    const int64_t i0 = s->i, end = i0 + count;
+    int64_t i = i0;
+    int past_end = 0, status = RICE_OK;
+    while (i < end) {
+        int64_t block = i >> s->block_log2;
+        int64_t stop = (block + 1) << s->block_log2;
+        if (stop > end) stop = end;
+        unsigned r = s->params[block];
+        uint64_t qmax = limit >> r, low_mask = (UINT64_C(1) << r) - 1;
+        for (; i < stop; i++) {
+            while (word == 0) {
+                word_index += 8;
+                word = load_le64(s->unary + word_index, s->unary_end);
+            }
+            uint64_t one = (uint64_t)word_index * 8 + (uint64_t)__builtin_ctzll(word);
+            word &= word - 1;
+            uint64_t q = one - bit;
+            bit = one + 1;
+            if (q > qmax) {
+                status = RICE_GAP;
+                goto done;
+            }
+            uint64_t at = rem_bit >> 3, w;
+            if (at <= safe) {
+                memcpy(&w, rem + at, 8);
+            } else {
+                w = load_le64(rem + at, s->rem_end);
+            }
+            pos += ((q << r) | ((w >> (rem_bit & 7)) & low_mask)) + 1;
             rem_bit += r;
+            past_end |= pos > limit;
+            out[i - i0] = (int64_t)pos;
+            /* The caller's next loop writes there: start the cache miss now, while decoding. */
+            if (prefetch != NULL && pos <= limit) __builtin_prefetch(prefetch + pos * width, 1);
         }
-        pos += ((q << r) | low) + 1;
-        s->past_end |= pos > s->limit;
-        out[j] = (int64_t)pos;
-        /* The caller's next loop writes there: start the cache miss now, while decoding. */
-        if (prefetch != NULL && pos <= s->limit) __builtin_prefetch(prefetch + pos * width, 1);
     }
+done:
     s->bit = bit;
     s->rem_bit = rem_bit;
     s->pos = pos;
     s->word = word;
     s->word_index = word_index;
-    s->i = i0 + count;
+    s->i = i;
+    s->past_end |= past_end;
     return status;
 }
 

@@ -276,15 +276,19 @@ _REUSE_WINDOW = 1 << 24
 _thread = threading.local()
 
 
-def _decompressor(section: bytes | memoryview) -> zstandard.ZstdDecompressor:
+def _decompressor(
+    section: bytes | memoryview, window: int | None = None
+) -> zstandard.ZstdDecompressor:
     """A decompressor for one frame: this thread's own, reused, when the frame's window is
     at most ``_REUSE_WINDOW`` (setting one up costs several microseconds per array); a
     fresh one otherwise, so that no thread keeps a large window buffer alive. An instance
-    must never serve two threads at once, hence one per thread."""
-    try:
-        window = zstandard.get_frame_parameters(section).window_size
-    except zstandard.ZstdError:  # not a frame header: the reader will say what is wrong
-        window = _REUSE_WINDOW + 1
+    must never serve two threads at once, hence one per thread. ``window``: the frame's
+    window size where the caller has read its header already."""
+    if window is None:
+        try:
+            window = zstandard.get_frame_parameters(section).window_size
+        except zstandard.ZstdError:  # not a frame header: the reader will say what is wrong
+            window = _REUSE_WINDOW + 1
     if window > _REUSE_WINDOW:
         return zstandard.ZstdDecompressor()
     dctx: zstandard.ZstdDecompressor | None = getattr(_thread, "dctx", None)
@@ -324,15 +328,16 @@ def _whole_frame(section: bytes | memoryview, expected: int) -> bytes | None:
     before anything is allocated; zstd itself checks that the frame holds what it
     declares."""
     try:
-        declared = zstandard.frame_content_size(section)
+        header = zstandard.get_frame_parameters(section)
     except zstandard.ZstdError:  # not a frame header: the reader will say what is wrong
         return None
-    if declared < 0:
+    declared = header.content_size
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
         return None
     if declared != expected:
         raise DiffFormatError(f"compressed array declares {declared} bytes, expected {expected}")
     try:
-        data: bytes = _decompressor(section).decompress(section)
+        data: bytes = _decompressor(section, header.window_size).decompress(section)
     except zstandard.ZstdError as exc:
         raise DiffFormatError(f"corrupt Zstandard frame: {exc}") from None
     return data
