@@ -89,8 +89,9 @@ static int rice_next(Rice *s, int64_t count, int64_t *out, const uint8_t *prefet
     uint64_t bit = s->bit, rem_bit = s->rem_bit, pos = s->pos, word = s->word;
     const uint64_t limit = s->limit;
     const uint8_t *rem = s->rem;
-    /* remainders starting below this byte can be loaded 8 bytes at a time unchecked */
-    const uint64_t safe = s->rem_end - rem >= 8 ? (uint64_t)(s->rem_end - rem) - 8 : 0;
+    /* a remainder starting at byte `at` <= last_full can be loaded 8 bytes at a time
+     * unchecked (none can where the stream is shorter than 8 bytes) */
+    const int64_t last_full = (int64_t)(s->rem_end - rem) - 8;
     Py_ssize_t word_index = s->word_index;
     const int64_t i0 = s->i, end = i0 + count;
     int64_t i = i0;
@@ -115,7 +116,7 @@ static int rice_next(Rice *s, int64_t count, int64_t *out, const uint8_t *prefet
                 goto done;
             }
             uint64_t at = rem_bit >> 3, w;
-            if (at <= safe) {
+            if ((int64_t)at <= last_full) {
                 memcpy(&w, rem + at, 8);
             } else {
                 w = load_le64(rem + at, s->rem_end);

@@ -158,6 +158,48 @@ def test_patch_reads_mutated_sections_as_numpy_does(data: st.DataObject, n: int)
     assert outcome == _both(section, k, n_read)[1]
 
 
+_GUARDED_READ = """
+import ctypes, mmap, sys
+import numpy as np
+from diffs.kernels import native
+from diffs.positions import decode_positions, encode_positions
+
+page = mmap.PAGESIZE
+for k in (1, 2, 3, 5):
+    positions = np.arange(k, dtype=np.int64) * 3 + 1  # gaps of 2: one remainder bit each
+    section = encode_positions(positions, 3 * k + 1, 8)
+    buf = mmap.mmap(-1, 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(base + page), page, 0) != 0:  # PROT_NONE
+        sys.exit("mprotect failed")
+    at = page - len(section)  # the section's last byte is the last readable one
+    buf[at:page] = section
+    view = memoryview(buf)[at:page]
+    assert decode_positions(view, k, 3 * k + 1).tolist() == positions.tolist()
+    target = np.zeros(3 * k + 1, np.uint32)
+    ones = np.ones(k, np.uint32)
+    assert native.patch_section(view, k, 3 * k + 1, target, ones, b"", -1, 4, False)
+    assert np.flatnonzero(target).tolist() == positions.tolist()
+print("ok")
+"""
+
+
+@needs_native
+def test_short_streams_are_not_read_past_their_end() -> None:
+    # Remainders are loaded 8 bytes at a time except near the end of their stream: a
+    # section whose last byte is the last readable byte of memory must decode (a read
+    # past it would kill the process, hence the child process).
+    out = subprocess.run(
+        [sys.executable, "-c", _GUARDED_READ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr[-2000:]
+
+
 @needs_native
 def test_decode_reports_a_gap_past_the_end_as_numpy_does() -> None:
     # A quotient too large for the tensor comes after a position already past its end:
