@@ -5,10 +5,10 @@ an entry first (:meth:`diffs.container.DiffReader.entry`) builds ``k`` int64 pos
 and ``k`` values in memory, then scatters them: three passes over memory and two
 ``k``-sized buffers whose fresh pages the kernel must fault in. The compiled kernel
 ``patch_section`` instead reads the position section's header itself, decodes positions
-a thousand at a time into a small buffer (prefetching the cache line each will write)
-and applies each value from the section's decompressed bytes, or from its byte planes
-where they lie (:func:`diffs.values.array_parts`: no copy puts them in order), as it
-goes.
+a thousand at a time into a small buffer, reads the elements they name (one cache miss
+each, as many in flight as the core allows; on AMD prefetched while decoding), then
+applies each value from the section's decompressed bytes, or from its byte planes where
+they lie (:func:`diffs.values.array_parts`: no copy puts them in order).
 
 It covers exact entries (XOR, any dtype) and sparse entries of F32 tensors (f32 deltas
 applied from the section's bytes; f16, bf16 and i8 deltas widened to binary32 by numpy
