@@ -303,6 +303,7 @@ def _decompress_into(section: bytes | memoryview, expected: int) -> bytearray:
     The buffer has room for one byte more, asked for in the same reads, which is how a
     frame that holds more shows itself (a read after the buffer is full can miss it).
     """
+    _check_one_frame(section)
     data = bytearray(expected + 1)
     filled = 0
     try:
@@ -321,6 +322,37 @@ def _decompress_into(section: bytes | memoryview, expected: int) -> bytearray:
     return data
 
 
+_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
+_RLE_BLOCK, _RESERVED_BLOCK = 1, 3
+
+
+def _check_one_frame(section: bytes | memoryview) -> None:
+    """Check that ``section`` is one Zstandard frame and nothing more, by its block
+    headers (RFC 8878, 3.1.1.2), before a streaming read, which stops at the end of the
+    frame and would never see what follows it."""
+    buf = memoryview(section).cast("B")
+    try:
+        at = zstandard.frame_header_size(buf)
+        checksum = zstandard.get_frame_parameters(buf).has_checksum
+    except zstandard.ZstdError as exc:
+        raise DiffFormatError(f"corrupt Zstandard frame: {exc}") from None
+    if buf[:4] != _FRAME_MAGIC:
+        raise DiffFormatError("a compressed section must be one Zstandard frame")
+    last = False
+    while not last:
+        if at + 3 > len(buf):
+            raise DiffFormatError("Zstandard frame is truncated")
+        header = buf[at] | buf[at + 1] << 8 | buf[at + 2] << 16
+        last, kind, size = bool(header & 1), header >> 1 & 3, header >> 3
+        if kind == _RESERVED_BLOCK:
+            raise DiffFormatError("corrupt Zstandard frame: reserved block type")
+        at += 3 + (1 if kind == _RLE_BLOCK else size)
+    end = at + 4 * checksum
+    if end != len(buf):
+        how = "is truncated" if end > len(buf) else f"is followed by {len(buf) - end} bytes"
+        raise DiffFormatError(f"Zstandard frame {how}")
+
+
 def _whole_frame(section: bytes | memoryview, expected: int) -> bytes | None:
     """A frame whose header declares its size, decoded in one call (the fastest way):
     ``None`` when the header declares none (then the frame is read into a buffer, which
@@ -337,7 +369,9 @@ def _whole_frame(section: bytes | memoryview, expected: int) -> bytes | None:
     if declared != expected:
         raise DiffFormatError(f"compressed array declares {declared} bytes, expected {expected}")
     try:
-        data: bytes = _decompressor(section, header.window_size).decompress(section)
+        data: bytes = _decompressor(section, header.window_size).decompress(
+            section, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise DiffFormatError(f"corrupt Zstandard frame: {exc}") from None
     return data
@@ -354,6 +388,7 @@ def _bounded_decompress(section: bytes | memoryview, expected: int) -> bytes | b
     if expected < _READ_CHUNK:
         whole = _whole_frame(section, expected)
         return whole if whole is not None else _decompress_into(section, expected)
+    _check_one_frame(section)
     data = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(

@@ -891,6 +891,41 @@ _values_case(
 _values_case("zstd-data-short", lambda: _replace_data(zstd_frame(bytes(90)), "zstd", [24]))
 
 
+def _undeclared_frame(data: bytes) -> bytes:
+    """A frame whose header does not declare its size: it is read as a stream."""
+    return zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
+
+
+# A compressed section is one frame and nothing more, whichever way it is read: in one
+# call (the frame declares its size), as a stream (it does not, or the array is large).
+_values_case(
+    "zstd-trailing-bytes",
+    lambda: _sparse_values(zstd_frame(bytes(2 * _sparse_count())) + b"junk", "zstd"),
+)
+_values_case(
+    "zstd-second-frame",
+    lambda: _sparse_values(zstd_frame(bytes(2 * _sparse_count())) + zstd_frame(b"x"), "zstd"),
+)
+_values_case(
+    "zstd-undeclared-second-frame",
+    lambda: _sparse_values(_undeclared_frame(bytes(2 * _sparse_count())) + zstd_frame(b""), "zstd"),
+)
+_values_case(
+    "zstd-undeclared-truncated",
+    lambda: _sparse_values(_undeclared_frame(bytes(range(256)) * 4)[:-3], "zstd"),
+)
+_values_case(
+    "shuffle-trailing-bytes",
+    lambda: _sparse_values(zstd_frame(bytes(2 * _sparse_count())) + b"\x00", "shuffle"),
+)
+_values_case(
+    "zstd-large-second-frame",  # 16 MiB: read a chunk at a time
+    lambda: _replace_data(
+        _undeclared_frame(bytes(1 << 24)) + zstd_frame(b""), "zstd", [1 << 24], "U8"
+    ),
+)
+
+
 def _planes(mask: int, raw_bytes: int, frame: bytes = b"") -> bytes:
     """A ``planes`` section for the f16 values of the sparse fixture: its mask byte,
     ``raw_bytes`` zero bytes of raw planes, then ``frame``."""
@@ -916,6 +951,10 @@ _values_case(
 )
 _values_case("planes-raw-planes-cut", lambda: _planes(0b01, _sparse_count() - 3))
 _values_case("planes-bomb", lambda: _planes(0b01, _sparse_count(), zstd_bomb()))
+_values_case(
+    "planes-frame-trailing-bytes",
+    lambda: _planes(0b01, _sparse_count(), zstd_frame(bytes(_sparse_count())) + b"junk"),
+)
 _values_case("planes-bomb-all-packed", lambda: _planes(0, 0, zstd_bomb()))
 _values_case("zstd-bomb-values", lambda: _sparse_values(zstd_bomb(), "zstd"))
 _values_case("zstd-bomb-shuffle", lambda: _sparse_values(zstd_bomb(), "shuffle"))
