@@ -140,20 +140,21 @@ done:
     return status;
 }
 
-/* Decode all k positions (out == NULL: only check the streams), reporting errors in the
- * order the numpy decoder checks them: the unary stream's count of one bits, then any
- * quotient too large for its tensor, then a position past the end. */
+/* The three streams of a RICE position section (layout in diffs/positions.py). */
+typedef struct {
+    const uint8_t *unary, *params, *rem;
+    Py_ssize_t unary_len, rem_len;
+    int block_log2;
+} Streams;
+
+/* Decode all k positions (out == NULL: only check the streams), whose unary stream the
+ * caller found to hold exactly k one bits; errors in the order the numpy decoder checks
+ * them: any quotient too large for its tensor, then a position past the end. */
 #define CHUNK 1024
-static int rice_decode(const uint8_t *unary, Py_ssize_t unary_len, const uint8_t *params,
-                       int block_log2, const uint8_t *rem, Py_ssize_t rem_len, int64_t k,
-                       int64_t n, int64_t *out, uint64_t *ones_found) {
-    uint64_t ones = count_ones(unary, unary_len);
-    if (ones != (uint64_t)k) {
-        *ones_found = ones;
-        return RICE_COUNT;
-    }
+static int rice_decode(const Streams *st, int64_t k, int64_t n, int64_t *out) {
     Rice s;
-    rice_start(&s, unary, unary_len, params, block_log2, rem, rem_len, n);
+    rice_start(&s, st->unary, st->unary_len, st->params, st->block_log2, st->rem, st->rem_len,
+               n);
     if (out != NULL) {
         if (rice_next(&s, k, out, NULL, 0) != RICE_OK) return RICE_GAP;
     } else {
@@ -176,11 +177,11 @@ static PyObject *DecodeError;
  * in flight by itself: without them the kernel is about a sixth faster. */
 static int prefetch_while_decoding = 1;
 
-/* None, or the DecodeError that a rice_decode status stands for. */
+/* True, or the DecodeError that a rice_decode status stands for. */
 static PyObject *rice_result(int status, uint64_t ones, long long k, long long n) {
     switch (status) {
     case RICE_OK:
-        Py_RETURN_NONE;
+        Py_RETURN_TRUE;
     case RICE_COUNT:
         PyErr_Format(DecodeError, "unary stream codes %llu gaps, expected %lld",
                      (unsigned long long)ones, k);
@@ -194,54 +195,117 @@ static PyObject *rice_result(int status, uint64_t ones, long long k, long long n
     }
 }
 
-/* 0 <= k <= n, n small enough that n elements of 8 bytes make a buffer size (so no size
- * computed from them overflows), and one Rice parameter (at most 32) per block of
- * 2**block_log2 gaps in params; -1 with an exception set otherwise. */
-static int check_streams(long long k, long long n, int block_log2, const Py_buffer *params) {
-    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || block_log2 < 0 ||
-        block_log2 > 62) {
-        PyErr_SetString(PyExc_ValueError, "bad k, n or block size");
+/* 0 <= k <= n, and n small enough that n elements of 8 bytes make a buffer size (so no
+ * size computed from them overflows); -1 with ValueError set otherwise. */
+static int check_counts(long long k, long long n) {
+    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8) {
+        PyErr_SetString(PyExc_ValueError, "bad k or n");
         return -1;
-    }
-    int64_t nblocks = k ? ((k - 1) >> block_log2) + 1 : 0;
-    if (params->len < nblocks) {
-        PyErr_SetString(PyExc_ValueError, "params buffer too short");
-        return -1;
-    }
-    for (int64_t b = 0; b < nblocks; b++) {
-        if (((const uint8_t *)params->buf)[b] > 32) {
-            PyErr_SetString(PyExc_ValueError, "Rice parameter above 32");
-            return -1;
-        }
     }
     return 0;
 }
 
+/* Check a position section's header and stream lengths for k positions, as
+ * diffs.positions.rice_streams does, with its messages: 1 and the streams in *out for a
+ * RICE section; 0 for an ALL section (left to the Python code); -1 with DecodeError set. */
+static int parse_section(const uint8_t *buf, Py_ssize_t len, int64_t k, Streams *out) {
+    if (len < 1) {
+        PyErr_SetString(DecodeError, "position section is empty");
+        return -1;
+    }
+    if (buf[0] == 1) return 0;
+    if (buf[0] != 0) {
+        PyErr_Format(DecodeError, "unknown position coding mode %d", (int)buf[0]);
+        return -1;
+    }
+    if (len < 10) {
+        PyErr_SetString(DecodeError, "position section truncated in its header");
+        return -1;
+    }
+    int block_log2 = buf[1];
+    uint64_t unary_nbytes;
+    memcpy(&unary_nbytes, buf + 2, 8);
+    if (block_log2 < 8 || block_log2 > 20) {
+        PyErr_Format(DecodeError, "position block size 2**%d out of range", block_log2);
+        return -1;
+    }
+    uint64_t block = UINT64_C(1) << block_log2;
+    uint64_t nblocks = k ? ((uint64_t)k - 1) / block + 1 : 0;
+    uint64_t params_end = 10 + nblocks;
+    if ((uint64_t)len < params_end || unary_nbytes > (uint64_t)len - params_end) {
+        PyErr_SetString(DecodeError, "position section truncated");
+        return -1;
+    }
+    const uint8_t *params = buf + 10;
+    unsigned pmax = 0, pmin = nblocks ? 255 : 0;
+    uint64_t head_sum = 0;
+    for (uint64_t b = 0; b < nblocks; b++) {
+        unsigned r = params[b];
+        pmax = r > pmax ? r : pmax;
+        pmin = r < pmin ? r : pmin;
+        if (b + 1 < nblocks) head_sum += r;
+    }
+    if (pmax > 32) {
+        PyErr_SetString(DecodeError, "Rice parameter above 32");
+        return -1;
+    }
+    /* Every block holds `block` gaps but the last, which holds the rest. */
+    uint64_t rem_bits = pmin == pmax ? (uint64_t)pmax * (uint64_t)k
+                                     : block * head_sum + (uint64_t)params[nblocks - 1] *
+                                                              ((uint64_t)k - (nblocks - 1) * block);
+    uint64_t rem_start = params_end + unary_nbytes;
+    uint64_t need = rem_start + (rem_bits + 7) / 8;
+    if ((uint64_t)len != need) {
+        PyErr_Format(DecodeError, "position section is %zd bytes, its streams need %llu", len,
+                     (unsigned long long)need);
+        return -1;
+    }
+    out->params = params;
+    out->block_log2 = block_log2;
+    out->unary = buf + params_end;
+    out->unary_len = (Py_ssize_t)unary_nbytes;
+    out->rem = buf + rem_start;
+    out->rem_len = len - (Py_ssize_t)rem_start;
+    return 1;
+}
+
+/* rice_decode(section, k, n): the k positions (below n) of a position section, as a
+ * bytearray of k little-endian int64; None for an ALL section. Everything is checked that
+ * can be before the k * 8 bytes are allocated: the header, the stream lengths and the
+ * unary stream's count of one bits (so k is at most 8 times the section's length). */
 static PyObject *py_rice_decode(PyObject *self, PyObject *args) {
-    Py_buffer unary, params, rem, out;
-    int block_log2;
+    Py_buffer section;
     long long k, n;
-    if (!PyArg_ParseTuple(args, "y*y*iy*LLw*", &unary, &params, &block_log2, &rem, &k, &n,
-                          &out))
-        return NULL;
-    PyObject *result = NULL;
-    if (check_streams(k, n, block_log2, &params) < 0) goto done;
-    if (out.len < k * (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "output buffer too short");
+    if (!PyArg_ParseTuple(args, "y*LL", &section, &k, &n)) return NULL;
+    PyObject *result = NULL, *out = NULL;
+    Streams st;
+    if (check_counts(k, n) < 0) goto done;
+    int rice = parse_section(section.buf, section.len, k, &st);
+    if (rice <= 0) {
+        if (rice == 0) result = Py_NewRef(Py_None);
         goto done;
     }
-    uint64_t ones = 0;
+    uint64_t ones = count_ones(st.unary, st.unary_len);
+    if (ones != (uint64_t)k) {
+        rice_result(RICE_COUNT, ones, k, n);
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(k * 8));
+    if (out == NULL) goto done;
     int status;
+    int64_t *positions = (int64_t *)PyByteArray_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
-    status = rice_decode(unary.buf, unary.len, params.buf, block_log2, rem.buf, rem.len, k, n,
-                         out.buf, &ones);
+    status = rice_decode(&st, k, n, positions);
     Py_END_ALLOW_THREADS
-    result = rice_result(status, ones, k, n);
+    if (status == RICE_OK) {
+        result = out;
+        out = NULL;
+    } else {
+        rice_result(status, ones, k, n);
+    }
 done:
-    PyBuffer_Release(&unary);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&rem);
-    PyBuffer_Release(&out);
+    Py_XDECREF(out);
+    PyBuffer_Release(&section);
     return result;
 }
 
@@ -391,77 +455,6 @@ static void keep_chunk(uint8_t *target, const int64_t *pos, int64_t count, int w
     }
 }
 
-/* The three streams of a RICE position section (layout in diffs/positions.py). */
-typedef struct {
-    const uint8_t *unary, *params, *rem;
-    Py_ssize_t unary_len, rem_len;
-    int block_log2;
-} Streams;
-
-/* Check a position section's header and stream lengths for k positions, as
- * diffs.positions.rice_streams does, with its messages: 1 and the streams in *out for a
- * RICE section; 0 for an ALL section (left to the Python code); -1 with DecodeError set. */
-static int parse_section(const uint8_t *buf, Py_ssize_t len, int64_t k, Streams *out) {
-    if (len < 1) {
-        PyErr_SetString(DecodeError, "position section is empty");
-        return -1;
-    }
-    if (buf[0] == 1) return 0;
-    if (buf[0] != 0) {
-        PyErr_Format(DecodeError, "unknown position coding mode %d", (int)buf[0]);
-        return -1;
-    }
-    if (len < 10) {
-        PyErr_SetString(DecodeError, "position section truncated in its header");
-        return -1;
-    }
-    int block_log2 = buf[1];
-    uint64_t unary_nbytes;
-    memcpy(&unary_nbytes, buf + 2, 8);
-    if (block_log2 < 8 || block_log2 > 20) {
-        PyErr_Format(DecodeError, "position block size 2**%d out of range", block_log2);
-        return -1;
-    }
-    uint64_t block = UINT64_C(1) << block_log2;
-    uint64_t nblocks = k ? ((uint64_t)k - 1) / block + 1 : 0;
-    uint64_t params_end = 10 + nblocks;
-    if ((uint64_t)len < params_end || unary_nbytes > (uint64_t)len - params_end) {
-        PyErr_SetString(DecodeError, "position section truncated");
-        return -1;
-    }
-    const uint8_t *params = buf + 10;
-    unsigned pmax = 0, pmin = nblocks ? 255 : 0;
-    uint64_t head_sum = 0;
-    for (uint64_t b = 0; b < nblocks; b++) {
-        unsigned r = params[b];
-        pmax = r > pmax ? r : pmax;
-        pmin = r < pmin ? r : pmin;
-        if (b + 1 < nblocks) head_sum += r;
-    }
-    if (pmax > 32) {
-        PyErr_SetString(DecodeError, "Rice parameter above 32");
-        return -1;
-    }
-    /* Every block holds `block` gaps but the last, which holds the rest. */
-    uint64_t rem_bits = pmin == pmax ? (uint64_t)pmax * (uint64_t)k
-                                     : block * head_sum + (uint64_t)params[nblocks - 1] *
-                                                              ((uint64_t)k - (nblocks - 1) * block);
-    uint64_t rem_start = params_end + unary_nbytes;
-    uint64_t need = rem_start + (rem_bits + 7) / 8;
-    if ((uint64_t)len != need) {
-        PyErr_Format(DecodeError, "position section is %zd bytes, its streams need %llu", len,
-                     (unsigned long long)need);
-        return -1;
-    }
-    out->params = params;
-    out->block_log2 = block_log2;
-    out->unary = buf + params_end;
-    out->unary_len = (Py_ssize_t)unary_nbytes;
-    out->rem = buf + rem_start;
-    out->rem_len = len - (Py_ssize_t)rem_start;
-    return 1;
-}
-
 /* Where the values of an entry of k elements of `width` bytes are. mask < 0: interleaved,
  * in raw. Else byte planes: plane b is the next plane of raw when bit b of mask is set,
  * else the next plane of packed. -1 with ValueError set when the buffers do not fit. */
@@ -507,8 +500,7 @@ static int rice_patch(const Streams *st, int64_t k, int64_t n, uint8_t *target,
     }
     uint8_t *kept = k ? malloc((size_t)k * (size_t)width) : NULL;
     if (k && kept == NULL) {
-        int status = rice_decode(st->unary, st->unary_len, st->params, st->block_log2, st->rem,
-                                 st->rem_len, k, n, NULL, ones_found);
+        int status = rice_decode(st, k, n, NULL);
         if (status != RICE_OK) return status;
     }
     Rice s;
@@ -564,14 +556,14 @@ static PyObject *py_patch_section(PyObject *self, PyObject *args) {
                           &mask, &width, &add))
         return NULL;
     PyObject *result = NULL;
-    int ok_width = add ? width == 4 : (width == 1 || width == 2 || width == 4 || width == 8);
-    if (k < 0 || n < 0 || k > n || n > PY_SSIZE_T_MAX / 8 || !ok_width ||
-        target.len != n * width) {
-        PyErr_SetString(PyExc_ValueError, "patch_section: bad k, n, width or target size");
-        goto done;
-    }
     Values vals;
     Streams st;
+    if (check_counts(k, n) < 0) goto done;
+    int ok_width = add ? width == 4 : (width == 1 || width == 2 || width == 4 || width == 8);
+    if (!ok_width || target.len != n * width) {
+        PyErr_SetString(PyExc_ValueError, "patch_section: bad width or target size");
+        goto done;
+    }
     if (values_layout(&vals, &raw, &packed, mask, width, k) < 0) goto done;
     int rice = parse_section(section.buf, section.len, k, &st);
     if (rice <= 0) {
@@ -584,10 +576,6 @@ static PyObject *py_patch_section(PyObject *self, PyObject *args) {
     status = rice_patch(&st, k, n, target.buf, &vals, width, add, &ones);
     Py_END_ALLOW_THREADS
     result = rice_result(status, ones, k, n);
-    if (result != NULL) {
-        Py_DECREF(result);
-        result = Py_NewRef(Py_True);
-    }
 done:
     PyBuffer_Release(&section);
     PyBuffer_Release(&target);
@@ -604,8 +592,9 @@ static PyObject *py_add_scatter_f32(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"rice_decode", py_rice_decode, METH_VARARGS,
-     "rice_decode(unary, params, block_log2, remainders, k, n, out)\n\n"
-     "Decode k Rice-coded gaps into the int64 buffer out; raise DecodeError on bad streams."},
+     "rice_decode(section, k, n)\n\n"
+     "The k positions (below n) of a position section, as a bytearray of int64; None for "
+     "an ALL section; raise DecodeError, before allocating them, on bad streams."},
     {"patch_section", py_patch_section, METH_VARARGS,
      "patch_section(section, k, n, target, raw, packed, mask, width, add)\n\n"
      "Decode a position section of k positions below n and apply values there (XOR, or "

@@ -21,10 +21,10 @@ streams are bit-packed LSB-first (bit ``j`` of the stream is bit ``j % 8`` of by
 ``j // 8``); pad bits are zero. Splitting the streams lets the decoder find every
 quotient with one vectorized scan for set bits and every remainder with one gather.
 
-Decoding runs the compiled kernel of :mod:`diffs.kernels` where it was built, else the
-numpy code below (the reference); both check, before trusting anything: the section
-length matches exactly, the unary stream holds exactly ``k`` one bits, every position is
-below ``N``.
+Decoding runs the compiled kernel of :mod:`diffs.kernels` where it was built (it reads
+the header too), else the numpy code below (the reference); both check, before trusting
+anything: the section length matches exactly, the unary stream holds exactly ``k`` one
+bits, every position is below ``N``.
 """
 
 from __future__ import annotations
@@ -95,24 +95,17 @@ class RiceStreams(NamedTuple):
 
 def decode_positions(section: bytes | memoryview, k: int, n: int) -> npt.NDArray[np.int64]:
     """Decode ``k`` positions below ``n``; raise :class:`DiffFormatError` on any defect."""
+    if native is not None:
+        try:  # the kernel checks the header as rice_streams does, with its messages
+            decoded = native.rice_decode(section, k, n)
+        except native.DecodeError as exc:
+            raise DiffFormatError(str(exc)) from None
+        if decoded is not None:
+            return np.frombuffer(decoded, dtype=np.int64)
+    # An ALL section (which the kernel leaves to this code), or no compiled kernels.
     streams = rice_streams(section, k, n)
     if streams is None:
         return np.arange(n, dtype=np.int64)
-    if native is not None:
-        positions = np.empty(k, dtype=np.int64)
-        try:
-            native.rice_decode(
-                streams.unary,
-                streams.params,
-                streams.block_log2,
-                streams.remainders,
-                k,
-                n,
-                positions,
-            )
-        except native.DecodeError as exc:  # the message numpy's checks would give
-            raise DiffFormatError(str(exc)) from None
-        return positions
     return _decode_rice(streams, k, n)
 
 
